@@ -1,0 +1,99 @@
+"""The reward model's architecture, in the key names of NeMo's `model_config.yaml`.
+
+Only the keys the service needs are fields; `from_nemo_dict` picks them out of a full NeMo config (which
+holds many training-only keys) so that the released file can be read as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from configs.base import StrictModel
+
+
+class TokenizerRef(StrictModel):
+    library: Literal["sentencepiece"] = Field(description="Tokenizer library; NeMo writes `sentencepiece`.")
+    model: str = Field(description="Tokenizer model file; `nemo:<file>` means a file inside the checkpoint.")
+
+
+class ModelArchConfig(StrictModel):
+    num_layers: int = Field(gt=0, description="Transformer layers.")
+    hidden_size: int = Field(gt=0, description="Hidden width.")
+    ffn_hidden_size: int = Field(gt=0, description="MLP inner width (not gated).")
+    num_attention_heads: int = Field(gt=0, description="Query heads.")
+    num_query_groups: int = Field(gt=0, description="Key/value heads (grouped-query attention).")
+    kv_channels: int | None = Field(default=None, gt=0, description="Head dim; hidden/heads when null.")
+    normalization: Literal["layernorm1p", "layernorm"] = Field(
+        description="`layernorm1p` stores the LayerNorm weight zero-centred (applied as weight + 1)."
+    )
+    layernorm_epsilon: float = Field(gt=0, description="LayerNorm epsilon.")
+    activation: Literal["squared-relu", "gelu", "relu"] = Field(description="MLP activation.")
+    position_embedding_type: Literal["rope"] = Field(description="Only rotary embeddings are served.")
+    rotary_percentage: float = Field(gt=0, le=1, description="Share of each head dim that is rotated.")
+    rotary_base: int = Field(default=10000, gt=0, description="RoPE base.")
+    bias: bool = Field(description="Whether the linear layers have biases.")
+    share_embeddings_and_output_weights: bool = Field(description="Tied LM head; unused by a reward model.")
+    max_position_embeddings: int = Field(gt=0, description="Context limit in tokens.")
+    padded_vocab_size: int = Field(gt=0, description="Rows of the embedding table.")
+    num_attributes: int = Field(gt=0, description="Outputs of the reward head (`regression.num_attributes`).")
+    rm_head_bias: bool = Field(default=True, description="Whether the reward head has a bias.")
+    tokenizer: TokenizerRef = Field(description="Tokenizer reference.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelArchConfig:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads} and kv_channels is not set"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {self.num_query_groups}"
+            )
+        rotary_dim = self.head_dim * self.rotary_percentage
+        if rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
+            raise ValueError(
+                f"rotary_percentage {self.rotary_percentage} of head dim {self.head_dim} gives "
+                f"{rotary_dim}, which must be an even whole number"
+            )
+        return self
+
+    @classmethod
+    def from_nemo_dict(cls, cfg: dict[str, Any], vocab_size: int | None = None) -> ModelArchConfig:
+        """Reads NeMo's model_config.yaml keys; `vocab_size` is the tokenizer's, padded here as NeMo does."""
+        regression = cfg.get("regression") or {}
+        num_attributes = regression.get("num_attributes") or cfg.get("output_sequence_length") or 1
+        padded = cfg.get("padded_vocab_size")
+        if padded is None:
+            if vocab_size is None:
+                raise ValueError("model_config.yaml has no padded_vocab_size and no tokenizer size was given")
+            multiple = int(cfg.get("make_vocab_size_divisible_by", 128))
+            padded = -(-vocab_size // multiple) * multiple
+        return cls(
+            num_layers=cfg["num_layers"],
+            hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["ffn_hidden_size"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_query_groups=cfg.get("num_query_groups") or cfg["num_attention_heads"],
+            kv_channels=cfg.get("kv_channels"),
+            normalization=cfg.get("normalization", "layernorm"),
+            layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+            activation=cfg.get("activation", "gelu"),
+            position_embedding_type=cfg.get("position_embedding_type", "rope"),
+            rotary_percentage=cfg.get("rotary_percentage", 1.0),
+            rotary_base=cfg.get("rotary_base", 10000),
+            bias=cfg.get("bias", True),
+            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
+            max_position_embeddings=cfg.get("max_position_embeddings") or cfg["encoder_seq_length"],
+            padded_vocab_size=padded,
+            num_attributes=num_attributes,
+            rm_head_bias=cfg.get("rm_head_bias", True),
+            tokenizer=TokenizerRef(library=cfg["tokenizer"]["library"], model=cfg["tokenizer"]["model"]),
+        )

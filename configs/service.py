@@ -1,0 +1,156 @@
+"""The service's own configuration: where the checkpoint is, how it is laid out on hardware, how the
+router batches and what the scoring deployment weighs. `ServiceConfig` is what `serve_app.build_app`
+receives as `args` from a Serve config file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from configs.base import StrictModel
+from configs.model import ModelArchConfig
+
+ATTRIBUTE_NAMES: tuple[str, ...] = (
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+)
+DEFAULT_WEIGHTS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
+
+
+class ParallelConfig(StrictModel):
+    tensor_parallel_size: int = Field(default=1, ge=1, description="Tensor-parallel ranks per stage.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages (one node each).")
+    micro_batch_size: int = Field(
+        default=8, ge=1, description="Sequences per micro-batch; batches are length-sorted first."
+    )
+    placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = Field(
+        default="STRICT_SPREAD",
+        description="Ray placement-group strategy; STRICT_SPREAD puts each pipeline stage on its own node.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def check_against(self, arch: ModelArchConfig) -> None:
+        """Raises ValueError naming the numbers when the model cannot be split this way."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        checks = [
+            ("num_attention_heads", arch.num_attention_heads, tp, "tensor_parallel_size"),
+            ("num_query_groups", arch.num_query_groups, tp, "tensor_parallel_size"),
+            ("padded_vocab_size", arch.padded_vocab_size, tp, "tensor_parallel_size"),
+            ("ffn_hidden_size", arch.ffn_hidden_size, tp, "tensor_parallel_size"),
+            ("num_layers", arch.num_layers, pp, "pipeline_parallel_size"),
+        ]
+        for name, value, by, by_name in checks:
+            if value % by:
+                raise ValueError(f"{name} {value} is not divisible by {by_name} {by}")
+
+
+class RuntimeConfig(StrictModel):
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the workers compute.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Parameter and activation dtype; the reward head is always float32."
+    )
+    backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend.")
+    gpus_per_node: int = Field(default=0, ge=0, description="GPUs on each node; 0 on CPU.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs reserved per worker actor.")
+    torch_threads_per_worker: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads per worker; null keeps torch's default."
+    )
+    replica_cpus: float = Field(default=0.1, ge=0, description="Ray CPUs of the model replica (in bundle 0).")
+    worker_env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for worker actors (NCCL_* settings, for example)."
+    )
+    distributed_timeout_s: float = Field(default=600.0, gt=0, description="torch.distributed timeout.")
+    health_check_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for a worker ping.")
+
+    @model_validator(mode="after")
+    def _check_device(self) -> RuntimeConfig:
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("backend nccl needs device cuda; use gloo on cpu")
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype} is not supported on cpu; use float32")
+        if self.device == "cuda" and self.gpus_per_node < 1:
+            raise ValueError("device cuda needs gpus_per_node >= 1")
+        return self
+
+
+class RouterConfig(StrictModel):
+    max_tokens_per_batch: int = Field(default=16384, gt=0, description="Token budget of one model batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, description="How long a batch waits to fill before it is sent."
+    )
+    max_conversations_per_request: int = Field(default=256, gt=0, description="Conversations per request.")
+    max_input_tokens: int | None = Field(
+        default=None, gt=0, description="Per-conversation limit; null uses the model's context length."
+    )
+    max_concurrent_batches: int = Field(
+        default=2, ge=1, description="Batches in flight to the model (one computing, one queued)."
+    )
+
+
+class ScoringConfig(StrictModel):
+    attribute_names: tuple[str, ...] = Field(
+        default=ATTRIBUTE_NAMES, min_length=1, description="Names of the head's outputs, in order."
+    )
+    weights: tuple[float, ...] = Field(
+        default=DEFAULT_WEIGHTS, description="Scalar reward = dot(weights, attributes)."
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> ScoringConfig:
+        if len(self.weights) != len(self.attribute_names):
+            raise ValueError(
+                f"weights has {len(self.weights)} values; attribute_names has {len(self.attribute_names)}"
+            )
+        if len(set(self.attribute_names)) != len(self.attribute_names):
+            raise ValueError(f"attribute_names has duplicates: {list(self.attribute_names)}")
+        return self
+
+
+class ServiceConfig(StrictModel):
+    checkpoint_path: str = Field(description="Extracted .nemo directory (model_config.yaml, model_weights/).")
+    model_name: str = Field(default="reward_model", description="Name reported in responses.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model parallelism.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, dtype, backend.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Batching and limits.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Reward weights.")
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> ServiceConfig:
+        gpus = self.runtime.gpus_per_node
+        tp = self.parallel.tensor_parallel_size
+        if self.runtime.device == "cuda" and tp > gpus:
+            raise ValueError(f"tensor_parallel_size {tp} is larger than gpus_per_node {gpus}")
+        return self
+
+    def check_against(self, arch: ModelArchConfig) -> None:
+        """Cross-checks against the checkpoint's architecture; raises ValueError naming the numbers."""
+        self.parallel.check_against(arch)
+        n = len(self.scoring.attribute_names)
+        if n != arch.num_attributes:
+            raise ValueError(f"scoring.attribute_names has {n} names; the reward head has {arch.num_attributes}")
+        limit = self.max_input_tokens(arch)
+        if self.router.max_tokens_per_batch < limit:
+            raise ValueError(
+                f"router.max_tokens_per_batch {self.router.max_tokens_per_batch} is below the "
+                f"per-conversation limit {limit}"
+            )
+
+    def max_input_tokens(self, arch: ModelArchConfig) -> int:
+        limit = self.router.max_input_tokens or arch.max_position_embeddings
+        if limit > arch.max_position_embeddings:
+            raise ValueError(
+                f"router.max_input_tokens {limit} exceeds the model's max_position_embeddings "
+                f"{arch.max_position_embeddings}"
+            )
+        return limit

@@ -1,0 +1,47 @@
+"""The model deployment: owns the placement group's workers through an injected RewardEngine.
+
+Serve reserves the placement group (`placement_group_bundles` from `sharding.placement`) for each replica;
+the replica runs in bundle 0 and the engine puts one worker per rank into its stage's bundle. Serve's
+health check pings every worker, so a dead worker gets the replica (and its placement group) replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from ray import serve
+from ray.util import get_current_placement_group
+
+from configs.service import ServiceConfig
+from sharding.protocol import EngineUnavailableError, RewardEngine
+
+EngineFactory = Callable[[ServiceConfig], RewardEngine]
+
+
+def megatron_engine(config: ServiceConfig) -> RewardEngine:
+    from sharding.engine import MegatronEngine  # torch lives only in the worker actors
+
+    return MegatronEngine(config, get_current_placement_group())
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
+class RewardModelDeployment:
+    def __init__(self, config: dict, engine_factory: EngineFactory = megatron_engine):
+        self.config = ServiceConfig.model_validate(config)
+        self.engine = engine_factory(self.config)
+
+    async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Rewards float32 [B, num_attributes] for right-aligned token lists; raises EngineUnavailableError."""
+        return await self.engine.score(token_batch)
+
+    async def check_health(self) -> None:
+        try:
+            await self.engine.check_health()
+        except EngineUnavailableError as e:
+            raise RuntimeError(f"model engine unhealthy: {e.message}") from None
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

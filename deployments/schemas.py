@@ -1,0 +1,121 @@
+"""Request and response models of `POST /v1/score` and `Router.score`, and the mapping of pydantic
+validation errors onto the service's one error shape.
+
+Rules that need the service config (conversation count, weights length) are checked by the router,
+which knows the numbers; everything else is checked here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
+
+from deployments.errors import InvalidRequestError
+
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+SUB_LOC_KEY = "sub_loc"  # error ctx key: loc parts below the validated field, e.g. (3, "role")
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(StrictBody):
+    role: Literal["system", "user", "assistant"] = Field(
+        description="`system` only as the first message; the last message must be `assistant`."
+    )
+    content: StrictStr = Field(min_length=1, description="The message text; must not be empty.")
+
+
+class Conversation(StrictBody):
+    messages: list[Message] = Field(
+        min_length=1, description="Turns in order; the last (assistant) message is the one scored."
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _check_roles(cls, messages: list[Message]) -> list[Message]:
+        for index, message in enumerate(messages):
+            if message.role == "system" and index > 0:
+                raise PydanticCustomError(
+                    "system_not_first",
+                    "a system message is only allowed as the first message",
+                    {"index": index, SUB_LOC_KEY: (index, "role")},
+                )
+        last = len(messages) - 1
+        if messages[last].role != "assistant":
+            raise PydanticCustomError(
+                "last_not_assistant",
+                "the last message must be from the assistant, not '{role}'",
+                {"index": last, "role": messages[last].role, SUB_LOC_KEY: (last, "role")},
+            )
+        return messages
+
+
+class ScoreRequest(StrictBody):
+    conversations: list[Conversation] = Field(
+        min_length=1, description="Conversations to score, each at its last assistant message."
+    )
+    weights: list[FiniteFloat] | None = Field(
+        default=None,
+        description="Per-request reward weights, one per attribute; null uses the service's weights.",
+    )
+    truncate: Literal["none", "left"] = Field(
+        default="none",
+        description="`none` rejects over-long conversations; `left` drops the oldest turns, then tokens.",
+    )
+
+
+class ScoreResult(StrictBody):
+    index: StrictInt = Field(description="Position of the conversation in the request.")
+    score: float = Field(description="dot(weights, attributes).")
+    attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
+    num_tokens: StrictInt = Field(description="Tokens the model scored for this conversation.")
+    truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
+
+
+class Usage(StrictBody):
+    prompt_tokens: StrictInt = Field(description="Tokens scored over all conversations of the request.")
+
+
+class ScoreResponse(StrictBody):
+    model: str = Field(description="Name of the served model.")
+    results: list[ScoreResult] = Field(description="One result per conversation, in request order.")
+    usage: Usage = Field(description="Token accounting.")
+
+
+def format_loc(loc: Sequence[Any]) -> str | None:
+    """`("conversations", 2, "messages", 0, "role")` -> `conversations[2].messages[0].role`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def invalid_request_from_errors(errors: Sequence[dict[str, Any]], *, body_prefix: bool = False) -> InvalidRequestError:
+    """Turns pydantic (or FastAPI, with `body_prefix`) validation errors into one InvalidRequestError
+    whose `param` is the first failing field's path."""
+    if not errors:
+        return InvalidRequestError("request body is invalid")
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    if body_prefix and loc and loc[0] == "body":
+        loc = loc[1:]
+    ctx = first.get("ctx") or {}
+    if first.get("type") == "json_invalid":
+        detail = ctx.get("error") or first.get("msg", "")
+        position = f" (at character {loc[0]})" if loc and isinstance(loc[0], int) else ""
+        return InvalidRequestError(f"request body is not valid JSON: {detail}{position}")
+    loc.extend(ctx.get(SUB_LOC_KEY, ()))
+    param = format_loc(loc)
+    message = first.get("msg", "invalid value")
+    message = f"{param}: {message}" if param else f"request body: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return InvalidRequestError(message, param=param)

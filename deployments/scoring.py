@@ -1,0 +1,102 @@
+"""Turns the reward head's attribute vectors into scalar rewards: score = dot(weights, attributes).
+
+`WeightedScorer` is the plain math (testable without Ray); `ScoringDeployment` wraps it and takes new
+default weights through `user_config` (`{"weights": [...]}`) without a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import Field, ValidationError
+from ray import serve
+
+from configs.base import StrictModel
+from configs.service import ServiceConfig
+from deployments.errors import InvalidRequestError
+from deployments.schemas import FiniteFloat
+
+
+class ScoringUserConfig(StrictModel):
+    weights: tuple[FiniteFloat, ...] = Field(description="New default weights, one per attribute, in order.")
+
+
+class WeightedScorer:
+    """Holds attribute names and default weights; scores [N, A] attribute arrays in float64."""
+
+    def __init__(self, attribute_names: Sequence[str], weights: Sequence[float]):
+        self.attribute_names = tuple(attribute_names)
+        self.weights = self._checked_weights(weights, "weights")
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_names)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        self.weights = self._checked_weights(weights, "weights")
+
+    def _checked_weights(self, weights: Sequence[float], name: str) -> np.ndarray:
+        array = np.asarray(weights, dtype=np.float64)
+        if array.shape != (self.num_attributes,):
+            raise ValueError(f"{name} has {array.size} values; the model has {self.num_attributes} attributes")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} must be finite numbers; got {list(weights)}")
+        return array
+
+    def score(
+        self, attributes: Sequence[Sequence[float]] | np.ndarray, weights: Sequence[float] | None = None
+    ) -> list[dict[str, Any]]:
+        """One `{"score", "attributes"}` per row; `weights` overrides the defaults for this call and
+        raises InvalidRequestError (param `weights`) when it has the wrong length."""
+        array = np.asarray(attributes, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] != self.num_attributes:
+            raise ValueError(f"attributes have shape {array.shape}; expected [N, {self.num_attributes}]")
+        if weights is None:
+            w = self.weights
+        else:
+            try:
+                w = self._checked_weights(weights, "weights")
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="weights") from None
+        scores = array @ w
+        return [
+            {
+                "score": float(scores[i]),
+                "attributes": {name: float(value) for name, value in zip(self.attribute_names, array[i])},
+            }
+            for i in range(array.shape[0])
+        ]
+
+
+def parse_user_config(user_config: dict[str, Any], num_attributes: int) -> tuple[float, ...]:
+    """Validates `{"weights": [...]}`; raises ValueError naming what is wrong."""
+    try:
+        parsed = ScoringUserConfig.model_validate(user_config)
+    except ValidationError as exc:
+        raise ValueError(f"invalid scoring user_config {user_config!r}: {exc}") from None
+    if len(parsed.weights) != num_attributes:
+        raise ValueError(
+            f"invalid scoring user_config: weights has {len(parsed.weights)} values; "
+            f"the model has {num_attributes} attributes"
+        )
+    return parsed.weights
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ScoringDeployment:
+    def __init__(self, config: dict[str, Any]):
+        cfg = ServiceConfig.model_validate(config)
+        self._scorer = WeightedScorer(cfg.scoring.attribute_names, cfg.scoring.weights)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._scorer.set_weights(parse_user_config(user_config, self._scorer.num_attributes))
+
+    def score(
+        self, attributes: Sequence[Sequence[float]] | np.ndarray, weights: Sequence[float] | None = None
+    ) -> list[dict[str, Any]]:
+        return self._scorer.score(attributes, weights)
+
+    def current_weights(self) -> list[float]:
+        return self._scorer.weights.tolist()

@@ -1,0 +1,36 @@
+"""The Serve application: router (HTTP ingress + handle method) -> model (placement group of megatron-core
+workers) and scoring (weights, live-reconfigurable through user_config).
+
+    serve run configs/local.yaml            # demo model, this machine
+    serve run serve_app:build_app checkpoint_path=/path/to/extracted.nemo   # defaults for everything else
+
+`build_app(args)` validates `args` as `configs.ServiceConfig` and checks it against the checkpoint's
+architecture before anything is deployed, so a bad config fails at load with the numbers in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from configs.service import ServiceConfig
+from deployments.model import RewardModelDeployment
+from deployments.router import Router
+from deployments.scoring import ScoringDeployment
+from sharding.nemo_archive import NemoCheckpoint
+from sharding.placement import placement_for
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = ServiceConfig.model_validate(args)
+    config.check_against(NemoCheckpoint.open(config.checkpoint_path).arch)
+    plan = placement_for(config)
+    config_json = config.model_dump(mode="json")
+    model = RewardModelDeployment.options(
+        placement_group_bundles=plan.bundles,
+        placement_group_strategy=plan.strategy,
+        ray_actor_options={"num_cpus": config.runtime.replica_cpus},
+    ).bind(config_json)
+    scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
+    return Router.bind(model, scoring, config_json)

@@ -1,0 +1,124 @@
+"""The reward model: megatron-core's GPTModel without its LM output layer, plus a float32 reward head.
+
+A pipeline stage builds only its layers: the embedding on the first stage, the final layernorm and the
+reward head (`rm_head`, row-parallel hidden -> num_attributes) on the last. The LM `output_layer` is never
+built (the released checkpoint stores one; a reward model never reads it).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.activations import squared_relu
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from configs.model import ModelArchConfig
+from configs.service import RuntimeConfig
+from sharding.layers import LayerNorm1p, SDPACoreAttention
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = {"squared-relu": squared_relu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+
+
+def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int) -> TransformerConfig:
+    dtype = DTYPES[runtime.dtype]
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.layernorm_epsilon,
+        layernorm_zero_centered_gamma=arch.normalization == "layernorm1p",
+        activation_func=ACTIVATIONS[arch.activation],
+        gated_linear_unit=False,
+        add_bias_linear=arch.bias,
+        add_qkv_bias=arch.bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=runtime.device == "cpu",
+        perform_initialization=False,
+        sequence_parallel=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec():
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.input_layernorm = LayerNorm1p
+    spec.submodules.pre_mlp_layernorm = LayerNorm1p
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+class RewardGPTModel(GPTModel):
+    """GPTModel whose last stage ends in final layernorm -> hidden state at `length - 1` -> rm_head."""
+
+    def __init__(self, config: TransformerConfig, arch: ModelArchConfig, pre_process: bool, post_process: bool):
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer_spec()] * get_num_layers_to_build(config), layer_norm=LayerNorm1p
+        )
+        # post_process=False keeps GPTModel from building the LM output layer; the last stage's pieces
+        # (final layernorm, reward head) are added below.
+        super().__init__(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=arch.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=False,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=arch.rotary_percentage,
+            rotary_base=arch.rotary_base,
+        )
+        self.is_last_stage = post_process
+        if post_process:
+            self.decoder.final_layernorm = LayerNorm1p(config, config.hidden_size, eps=config.layernorm_epsilon)
+            head_config = TransformerConfig(**{**config.__dict__, "params_dtype": torch.float32})
+            self.rm_head = tensor_parallel.RowParallelLinear(
+                config.hidden_size,
+                arch.num_attributes,
+                config=head_config,
+                init_method=head_config.init_method,
+                bias=arch.rm_head_bias,
+                input_is_parallel=False,
+                skip_bias_add=False,
+            )
+
+    def forward(self, input_ids: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] (first stage; None elsewhere, the input tensor is set by the pipeline) ->
+        hidden states [S, B, H] on inner stages, float32 rewards [B, num_attributes] on the last."""
+        if input_ids is not None:
+            seq = input_ids.shape[1]
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        else:
+            position_ids = None
+        hidden = super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
+        if not self.is_last_stage:
+            return hidden
+        last = hidden[lengths - 1, torch.arange(hidden.shape[1], device=hidden.device)]
+        rewards, _ = self.rm_head(last.float())
+        return rewards
+
+
+def build_stage_model(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int, pp_rank: int) -> RewardGPTModel:
+    config = transformer_config(arch, runtime, tp, pp)
+    model = RewardGPTModel(config, arch, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
+    if runtime.device == "cuda":
+        model = model.cuda()
+    return model.eval()

@@ -1,0 +1,106 @@
+"""One model-parallel rank, as a Ray actor: torch.distributed + megatron parallel_state, this stage's layers,
+this rank's slice of the checkpoint, and the forward-only pipeline step.
+
+Pipeline stage (after megatron-core's inference wrappers): for each micro-batch, recv -> forward -> send;
+sends are asynchronous so this stage starts the next micro-batch while the next stage computes. Only the
+last stage's TP rank 0 returns rewards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from configs.model import ModelArchConfig
+from configs.service import ParallelConfig, RuntimeConfig
+
+MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded), lengths int64 [b]
+
+
+@ray.remote
+class ModelWorker:
+    def __init__(self, rank: int, arch: ModelArchConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
+                 weights_dir: str):
+        self.rank = rank
+        self.arch = arch
+        self.parallel = parallel
+        self.runtime = runtime
+        self.weights_dir = weights_dir
+        self.model = None
+
+    def node_info(self) -> tuple[str, str, list[str]]:
+        """(node IP, node id, GPU ids Ray assigned to this actor)."""
+        ctx = ray.get_runtime_context()
+        return ray.util.get_node_ip_address(), ctx.get_node_id(), [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int, cuda_visible_devices: str | None, local_rank: int) -> int:
+        """Joins the process group, builds this stage and loads its slice. Collective: all ranks at once."""
+        if cuda_visible_devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices  # before CUDA initialises
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        from megatron.core import parallel_state
+
+        from sharding.checkpoint import load_weights
+        from sharding.model import build_stage_model
+        from sharding.process_group import init_model_parallel
+
+        tp, pp = self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size
+        init_model_parallel(self.runtime, self.rank, self.parallel.world_size, master_addr, master_port,
+                            tp=tp, pp=pp, local_rank=local_rank)
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank)
+        load_weights(self.model, Path(self.weights_dir))
+        return self.rank
+
+    def ping(self) -> int:
+        if self.model is None:
+            raise RuntimeError(f"rank {self.rank} is not set up")
+        return self.rank
+
+    def forward(self, micro_batches: list[MicroBatch]) -> np.ndarray | None:
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from sharding.model import DTYPES
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
+        first = parallel_state.is_pipeline_first_stage()
+        last = parallel_state.is_pipeline_last_stage()
+        dtype = DTYPES[self.runtime.dtype]
+        outputs: list[np.ndarray] = []
+        sends = []
+        with torch.no_grad():
+            for tokens, lengths in micro_batches:
+                lens = torch.from_numpy(lengths).to(device)
+                ids = torch.from_numpy(tokens).to(device) if first else None
+                if not first:
+                    hidden = torch.empty((tokens.shape[1], tokens.shape[0], self.arch.hidden_size), dtype=dtype, device=device)
+                    dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                    self.model.set_input_tensor(hidden)
+                out = self.model(ids, lens)
+                if not last:
+                    out = out.contiguous()  # kept referenced in `sends` until the send completes
+                    sends.append((out, dist.isend(out, dst=parallel_state.get_pipeline_model_parallel_next_rank())))
+                elif self.tp_rank == 0:
+                    outputs.append(out.float().cpu().numpy())
+            for _, req in sends:
+                req.wait()
+        if last and self.tp_rank == 0:
+            return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)
+        return None
+
+    def shutdown(self) -> None:
+        from sharding.process_group import destroy_model_parallel
+
+        destroy_model_parallel()
