@@ -74,7 +74,8 @@ class ModelArchConfig(StrictModel):
         if padded is None:
             if vocab_size is None:
                 raise ValueError("model_config.yaml has no padded_vocab_size and no tokenizer size was given")
-            multiple = int(cfg.get("make_vocab_size_divisible_by", 128))
+            # NeMo/Megatron pad to a multiple of make_vocab_size_divisible_by * the training TP size.
+            multiple = int(cfg.get("make_vocab_size_divisible_by", 128)) * int(cfg.get("tensor_model_parallel_size", 1))
             padded = -(-vocab_size // multiple) * multiple
         return cls(
             num_layers=cfg["num_layers"],

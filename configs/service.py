@@ -48,6 +48,7 @@ class ParallelConfig(StrictModel):
             ("num_query_groups", arch.num_query_groups, tp, "tensor_parallel_size"),
             ("padded_vocab_size", arch.padded_vocab_size, tp, "tensor_parallel_size"),
             ("ffn_hidden_size", arch.ffn_hidden_size, tp, "tensor_parallel_size"),
+            ("hidden_size", arch.hidden_size, tp, "tensor_parallel_size"),  # rm_head is row-parallel
             ("num_layers", arch.num_layers, pp, "pipeline_parallel_size"),
         ]
         for name, value, by, by_name in checks:
@@ -61,7 +62,10 @@ class RuntimeConfig(StrictModel):
         default="float32", description="Parameter and activation dtype; the reward head is always float32."
     )
     backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend.")
-    gpus_per_node: int = Field(default=0, ge=0, description="GPUs on each node; 0 on CPU.")
+    gpus_per_node: int = Field(
+        default=0, ge=0,
+        description="GPUs per node; when > 0 each worker reserves one (logical GPUs on CPU test clusters).",
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs reserved per worker actor.")
     torch_threads_per_worker: int | None = Field(
         default=None, ge=1, description="torch intra-op threads per worker; null keeps torch's default."
@@ -129,7 +133,7 @@ class ServiceConfig(StrictModel):
     def _check_cross(self) -> ServiceConfig:
         gpus = self.runtime.gpus_per_node
         tp = self.parallel.tensor_parallel_size
-        if self.runtime.device == "cuda" and tp > gpus:
+        if gpus > 0 and tp > gpus:
             raise ValueError(f"tensor_parallel_size {tp} is larger than gpus_per_node {gpus}")
         return self
 

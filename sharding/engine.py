@@ -67,7 +67,7 @@ class MegatronEngine:
                 )
             )
         self.node_info = ray.get([w.node_info.remote() for w in self.workers])
-        if config.runtime.device == "cuda":
+        if self.plan.gpus_per_worker > 0:
             visible = visible_devices_by_node({r: (node, gpus) for r, (_, node, gpus) in enumerate(self.node_info)})
         else:
             visible = {r: (None, 0) for r in range(len(self.workers))}

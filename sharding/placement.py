@@ -86,6 +86,6 @@ def placement_for(config: ServiceConfig) -> PlacementPlan:
         gpus_per_node=config.runtime.gpus_per_node,
         cpus_per_worker=config.runtime.cpus_per_worker,
         replica_cpus=config.runtime.replica_cpus,
-        use_gpus=config.runtime.device == "cuda",
+        use_gpus=config.runtime.gpus_per_node > 0,
         strategy=config.parallel.placement_strategy,
     )

@@ -1,0 +1,43 @@
+"""Single-process scoring: the whole model in this process at TP 1 x PP 1, no Ray.
+
+The reference the service is checked against (same checkpoint, same model code, one rank), and a quick way
+to score a few token sequences offline. It joins a one-rank torch.distributed group of its own; use one
+LocalScorer at a time per process and `close()` it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from configs.service import RuntimeConfig
+from sharding.checkpoint import load_weights
+from sharding.model import build_stage_model
+from sharding.nemo_archive import NemoCheckpoint
+from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
+
+
+class LocalScorer:
+    def __init__(self, checkpoint_path: str, runtime: RuntimeConfig | None = None):
+        self.runtime = runtime or RuntimeConfig()
+        checkpoint = NemoCheckpoint.open(checkpoint_path)
+        self.arch = checkpoint.arch
+        init_model_parallel(self.runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                            tp=1, pp=1)
+        self.model = build_stage_model(self.arch, self.runtime, tp=1, pp=1, pp_rank=0)
+        load_weights(self.model, checkpoint.weights_dir)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
+
+    def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [B, num_attributes]; the batch is right-padded to its longest sequence in one forward."""
+        lengths = torch.tensor([len(t) for t in token_batch], dtype=torch.int64)
+        tokens = torch.zeros((len(token_batch), int(lengths.max())), dtype=torch.int64)
+        for i, t in enumerate(token_batch):
+            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        with torch.no_grad():
+            return self.model(tokens.to(self.device), lengths.to(self.device)).float().cpu().numpy()
+
+    def close(self) -> None:
+        destroy_model_parallel()
