@@ -35,6 +35,11 @@ class RewardModelDeployment:
         """Rewards float32 [B, num_attributes] for right-aligned token lists; raises EngineUnavailableError."""
         return await self.engine.score(token_batch)
 
+    def describe(self) -> list[dict]:
+        """Worker placement (rank, stage, node, actor id), when the engine can tell."""
+        describe = getattr(self.engine, "describe", None)
+        return describe() if describe else []
+
     async def check_health(self) -> None:
         try:
             await self.engine.check_health()

@@ -68,7 +68,7 @@ class MegatronEngine:
             )
         self.node_info = ray.get([w.node_info.remote() for w in self.workers])
         if self.plan.gpus_per_worker > 0:
-            visible = visible_devices_by_node({r: (node, gpus) for r, (_, node, gpus) in enumerate(self.node_info)})
+            visible = visible_devices_by_node({r: (info[1], info[2]) for r, info in enumerate(self.node_info)})
         else:
             visible = {r: (None, 0) for r in range(len(self.workers))}
         master_addr = self.node_info[0][0]
@@ -97,6 +97,15 @@ class MegatronEngine:
         rewards = np.empty_like(sorted_rewards)
         rewards[order] = sorted_rewards
         return rewards
+
+    def describe(self) -> list[dict]:
+        """Where each rank runs: rank, stage, TP rank, bundle, node, placement group and Ray actor id."""
+        return [
+            {"rank": slot.rank, "pipeline_rank": slot.pipeline_rank, "tensor_rank": slot.tensor_rank,
+             "bundle_index": slot.bundle_index, "node_id": info[1], "placement_group_id": info[3],
+             "actor_id": worker._actor_id.hex()}
+            for slot, worker, info in zip(self.plan.workers, self.workers, self.node_info)
+        ]
 
     async def check_health(self) -> None:
         if self._broken:

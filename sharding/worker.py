@@ -32,10 +32,11 @@ class ModelWorker:
         self.weights_dir = weights_dir
         self.model = None
 
-    def node_info(self) -> tuple[str, str, list[str]]:
-        """(node IP, node id, GPU ids Ray assigned to this actor)."""
+    def node_info(self) -> tuple[str, str, list[str], str | None]:
+        """(node IP, node id, GPU ids Ray assigned to this actor, placement group id)."""
         ctx = ray.get_runtime_context()
-        return ray.util.get_node_ip_address(), ctx.get_node_id(), [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+        gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+        return ray.util.get_node_ip_address(), ctx.get_node_id(), gpus, ctx.get_placement_group_id()
 
     def free_port(self) -> int:
         with socket.socket() as s:

@@ -1,0 +1,137 @@
+"""TP x PP across the simulated two-node cluster (gloo, logical GPUs): same numbers as one process, stages
+on distinct nodes, the HTTP app on that topology, and recovery from a killed worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray._private.state import actors as gcs_actor_table  # GCS records; the state API needs a dashboard
+
+from configs.service import ServiceConfig
+from tests.integration.conftest import NODE_GPUS, deploy, service_args
+from tests.integration.test_service import reference_attributes
+
+TOL = 1e-5
+PROMPTS = [
+    "Hello there.",
+    "Explain why the sky is blue in two sentences, then give an example.",
+    "List three prime numbers. " * 5,
+    "Write a haiku about bread. " * 20,
+    "What is 2 + 2?",
+    "Describe the French revolution in detail, with dates and causes. " * 12,
+    "ok",
+]
+
+
+@pytest.fixture(scope="module")
+def token_batch(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>") for p in PROMPTS]
+
+
+def parallel_config(checkpoint, tp: int, pp: int, micro_batch_size: int = 2) -> dict:
+    return service_args(
+        checkpoint,
+        parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "micro_batch_size": micro_batch_size},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5},
+    )
+
+
+def assert_stages_on_distinct_nodes(workers: list[dict], pg_id: str, pp: int) -> None:
+    """From Ray's own records: each worker actor's node (GCS actor table) and each bundle's node (placement-group
+    table) agree with what the worker reports, and the stages land on distinct nodes."""
+    bundle_nodes = placement_group_table()[pg_id]["bundles_to_node_id"]
+    stage_nodes: dict[int, set[str]] = {}
+    for w in workers:
+        node = gcs_actor_table(w["actor_id"])["Address"]["NodeID"]
+        assert node == bundle_nodes[w["bundle_index"]] == w["node_id"]
+        assert w["placement_group_id"] == pg_id
+        stage_nodes.setdefault(w["pipeline_rank"], set()).add(node)
+    assert all(len(nodes) == 1 for nodes in stage_nodes.values()), stage_nodes  # a TP group stays in a node
+    assert len(set().union(*stage_nodes.values())) == pp  # one node per stage
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2pp1", "tp1pp2", "tp2pp2"])
+def test_engine_matches_single_process(ray_cluster, demo_checkpoint, reference_scorer, token_batch, tp, pp):
+    from sharding.engine import MegatronEngine
+    from sharding.placement import placement_for
+
+    config = ServiceConfig.model_validate(parallel_config(demo_checkpoint, tp, pp))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = MegatronEngine(config, pg)
+    try:
+        rewards = asyncio.run(engine.score(token_batch))
+        assert rewards.dtype == np.float32 and rewards.shape == (len(token_batch), 9)
+        np.testing.assert_allclose(rewards, reference_scorer.score(token_batch), atol=TOL, rtol=0)
+        assert_stages_on_distinct_nodes(engine.describe(), pg.id.hex(), pp)
+    finally:
+        engine.shutdown()
+        remove_placement_group(pg)
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_app(serve_http, demo_checkpoint):
+    from serve_app import build_app
+
+    deploy(build_app(parallel_config(demo_checkpoint, 2, 2)), name="mp", route_prefix="/mp")
+    yield f"{serve_http}/mp"
+    serve.delete("mp")
+
+
+def model_handle():
+    return serve.get_deployment_handle("RewardModelDeployment", app_name="mp")
+
+
+def score_body(prompts: list[str]) -> dict:
+    return {"conversations": [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sure."}]}
+                              for p in prompts]}
+
+
+def test_http_app_on_two_nodes(tp2pp2_app, reference_scorer, tokenizer):
+    body = httpx.post(f"{tp2pp2_app}/v1/score", json=score_body(PROMPTS), timeout=120).raise_for_status().json()
+    got = np.array([list(r["attributes"].values()) for r in body["results"]])
+    want = reference_attributes(reference_scorer, tokenizer, score_body(PROMPTS)["conversations"])
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    workers = model_handle().describe.remote().result()
+    assert len(workers) == 4
+    (pg_id,) = {w["placement_group_id"] for w in workers}
+    assert placement_group_table()[pg_id]["strategy"] == "STRICT_SPREAD"
+    assert_stages_on_distinct_nodes(workers, pg_id, pp=2)
+
+
+def test_killed_worker_gives_503_then_recovers(tp2pp2_app, reference_scorer, tokenizer):
+    workers = model_handle().describe.remote().result()
+    victim = next(w for w in workers if w["pipeline_rank"] == 1 and w["tensor_rank"] == 1)
+    os.kill(gcs_actor_table(victim["actor_id"])["Pid"], signal.SIGKILL)
+
+    statuses: list[int] = []
+    deadline = time.monotonic() + 240
+    with httpx.Client(timeout=60) as client:
+        while time.monotonic() < deadline:
+            response = client.post(f"{tp2pp2_app}/v1/score", json=score_body(PROMPTS))
+            statuses.append(response.status_code)
+            if response.status_code == 200 and 503 in statuses:
+                break
+            if response.status_code == 503:
+                error = response.json()["error"]
+                assert error["code"] == 503 and error["type"] == "service_unavailable"
+            else:
+                assert response.status_code == 200, response.text
+            time.sleep(0.5)
+    assert statuses[0] == 503, statuses[:5]
+    assert statuses[-1] == 200, f"no recovery within the deadline: {statuses[-5:]}"
+    got = np.array([list(r["attributes"].values()) for r in response.json()["results"]])
+    want = reference_attributes(reference_scorer, tokenizer, score_body(PROMPTS)["conversations"])
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    new_workers = model_handle().describe.remote().result()
+    assert {w["actor_id"] for w in new_workers}.isdisjoint({w["actor_id"] for w in workers})
