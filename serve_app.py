@@ -18,13 +18,15 @@ from configs.service import ServiceConfig
 from deployments.model import RewardModelDeployment
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
-from sharding.nemo_archive import NemoCheckpoint
+from sharding.formats import open_checkpoint, output_names
 from sharding.placement import placement_for
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = ServiceConfig.model_validate(args)
-    config.check_against(NemoCheckpoint.open(config.checkpoint_path).arch)
+    checkpoint = open_checkpoint(config.checkpoint_path)
+    config = config.with_output_names(output_names(checkpoint))
+    config.check_against(checkpoint.arch)
     plan = placement_for(config)
     config_json = config.model_dump(mode="json")
     model = RewardModelDeployment.options(

@@ -14,8 +14,19 @@ from configs.base import StrictModel
 
 
 class TokenizerRef(StrictModel):
-    library: Literal["sentencepiece"] = Field(description="Tokenizer library; NeMo writes `sentencepiece`.")
+    library: Literal["sentencepiece", "huggingface"] = Field(
+        description="`sentencepiece` (NeMo checkpoints) or `huggingface` (tokenizer.json of an HF checkpoint)."
+    )
     model: str = Field(description="Tokenizer model file; `nemo:<file>` means a file inside the checkpoint.")
+
+
+class RopeScaling(StrictModel):
+    """Llama-3.1 style RoPE frequency scaling (the only kind megatron-core's RotaryEmbedding applies)."""
+
+    factor: float = Field(gt=0, description="Scaling factor for low frequencies.")
+    low_freq_factor: float = Field(default=1.0, description="Llama-3.1 `low_freq_factor`.")
+    high_freq_factor: float = Field(default=4.0, description="Llama-3.1 `high_freq_factor`.")
+    original_max_position_embeddings: int = Field(default=8192, gt=0, description="Pre-scaling context length.")
 
 
 class ModelArchConfig(StrictModel):
@@ -25,14 +36,17 @@ class ModelArchConfig(StrictModel):
     num_attention_heads: int = Field(gt=0, description="Query heads.")
     num_query_groups: int = Field(gt=0, description="Key/value heads (grouped-query attention).")
     kv_channels: int | None = Field(default=None, gt=0, description="Head dim; hidden/heads when null.")
-    normalization: Literal["layernorm1p", "layernorm"] = Field(
+    normalization: Literal["layernorm1p", "layernorm", "rmsnorm"] = Field(
         description="`layernorm1p` stores the LayerNorm weight zero-centred (applied as weight + 1)."
     )
     layernorm_epsilon: float = Field(gt=0, description="LayerNorm epsilon.")
-    activation: Literal["squared-relu", "gelu", "relu"] = Field(description="MLP activation.")
+    activation: Literal["squared-relu", "gelu", "relu", "swiglu"] = Field(
+        description="MLP activation; `swiglu` is gated (fc1 holds gate and up projections)."
+    )
     position_embedding_type: Literal["rope"] = Field(description="Only rotary embeddings are served.")
     rotary_percentage: float = Field(gt=0, le=1, description="Share of each head dim that is rotated.")
-    rotary_base: int = Field(default=10000, gt=0, description="RoPE base.")
+    rotary_base: float = Field(default=10000, gt=0, description="RoPE base (theta).")
+    rope_scaling: RopeScaling | None = Field(default=None, description="Llama-3.1 RoPE scaling, if any.")
     bias: bool = Field(description="Whether the linear layers have biases.")
     share_embeddings_and_output_weights: bool = Field(description="Tied LM head; unused by a reward model.")
     max_position_embeddings: int = Field(gt=0, description="Context limit in tokens.")
@@ -56,6 +70,13 @@ class ModelArchConfig(StrictModel):
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {self.num_query_groups}"
+            )
+        if self.rope_scaling is not None and (
+            self.rope_scaling.low_freq_factor, self.rope_scaling.high_freq_factor,
+            self.rope_scaling.original_max_position_embeddings) != (1.0, 4.0, 8192):
+            raise ValueError(
+                f"rope_scaling {self.rope_scaling.model_dump()} is not supported: megatron-core applies Llama-3.1 "
+                "scaling with low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192"
             )
         rotary_dim = self.head_dim * self.rotary_percentage
         if rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:

@@ -112,13 +112,37 @@ class ScoringConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_lengths(self) -> ScoringConfig:
-        if len(self.weights) != len(self.attribute_names):
+        # With only one of the two given, the other comes from the checkpoint (ServiceConfig.with_output_names,
+        # which validates the completed pair again).
+        given = {"attribute_names", "weights"} & self.model_fields_set
+        if len(given) != 1 and len(self.weights) != len(self.attribute_names):
             raise ValueError(
                 f"weights has {len(self.weights)} values; attribute_names has {len(self.attribute_names)}"
             )
         if len(set(self.attribute_names)) != len(self.attribute_names):
             raise ValueError(f"attribute_names has duplicates: {list(self.attribute_names)}")
         return self
+
+
+class AuthConfig(StrictModel):
+    api_key_file: str | None = Field(
+        default=None, min_length=1,
+        description="File holding the API key (surrounding whitespace stripped); read once at start.",
+    )
+    api_key_env: str | None = Field(
+        default=None, min_length=1,
+        description="Name of the environment variable holding the API key; read once at start.",
+    )
+
+    @model_validator(mode="after")
+    def _check_one_source(self) -> AuthConfig:
+        if self.api_key_file is not None and self.api_key_env is not None:
+            raise ValueError("set at most one of auth.api_key_file and auth.api_key_env")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.api_key_file is not None or self.api_key_env is not None
 
 
 class ServiceConfig(StrictModel):
@@ -128,6 +152,10 @@ class ServiceConfig(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, dtype, backend.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Batching and limits.")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Reward weights.")
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="Optional API key required as `Authorization: Bearer <key>` on the scoring routes.",
+    )
 
     @model_validator(mode="after")
     def _check_cross(self) -> ServiceConfig:
@@ -136,6 +164,25 @@ class ServiceConfig(StrictModel):
         if gpus > 0 and tp > gpus:
             raise ValueError(f"tensor_parallel_size {tp} is larger than gpus_per_node {gpus}")
         return self
+
+    def with_output_names(self, names: tuple[str, ...]) -> ServiceConfig:
+        """Fills the scoring names and weights the config leaves unset from the checkpoint's outputs: the
+        HelpSteer2 nine keep the default weights; a single output is the scalar itself."""
+        given = self.scoring.model_fields_set
+        scoring = self.scoring.model_dump()
+        if "attribute_names" not in given:
+            scoring["attribute_names"] = tuple(names)
+        if "weights" not in given:
+            if tuple(scoring["attribute_names"]) == ATTRIBUTE_NAMES:
+                scoring["weights"] = DEFAULT_WEIGHTS
+            elif len(scoring["attribute_names"]) == 1:
+                scoring["weights"] = (1.0,)
+            else:
+                raise ValueError(
+                    f"the checkpoint has {len(names)} outputs {list(names)}: set scoring.weights "
+                    f"({len(names)} values)"
+                )
+        return ServiceConfig.model_validate({**self.model_dump(), "scoring": scoring})
 
     def check_against(self, arch: ModelArchConfig) -> None:
         """Cross-checks against the checkpoint's architecture; raises ValueError naming the numbers."""

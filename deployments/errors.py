@@ -52,18 +52,42 @@ class InputTooLongError(InvalidRequestError):
 
     error_type = "input_too_long"
 
-    def __init__(self, conversation_index: int, num_tokens: int, limit_tokens: int, detail: str | None = None):
-        message = f"conversations[{conversation_index}] has {num_tokens} tokens; the limit is {limit_tokens}"
+    def __init__(
+        self,
+        conversation_index: int,
+        num_tokens: int,
+        limit_tokens: int,
+        detail: str | None = None,
+        field: str | None = None,
+    ):
+        """`field` names the input in another API's terms (e.g. `messages`); default `conversations[i]`."""
+        param = field or f"conversations[{conversation_index}]"
+        message = f"{param} has {num_tokens} tokens; the limit is {limit_tokens}"
         if detail:
             message = f"{message}; {detail}"
-        super().__init__(message, param=f"conversations[{conversation_index}]")
+        super().__init__(message, param=param)
         self.conversation_index = conversation_index
         self.num_tokens = num_tokens
         self.limit_tokens = limit_tokens
         self.detail = detail
+        self.field = field
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.conversation_index, self.num_tokens, self.limit_tokens, self.detail))
+        return (type(self), (self.conversation_index, self.num_tokens, self.limit_tokens, self.detail, self.field))
+
+
+class AuthenticationError(ServiceError):
+    """The API key is missing or wrong (`Authorization: Bearer <key>`)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(ServiceError):
+    """The request names a model (or other resource) this service does not have."""
+
+    status_code = 404
+    error_type = "not_found_error"
 
 
 class ServiceUnavailableError(ServiceError):
@@ -72,6 +96,17 @@ class ServiceUnavailableError(ServiceError):
     status_code = 503
     error_type = "service_unavailable"
     retryable = True
+
+
+def service_error_from_body(status_code: int, body: Any) -> ServiceError:
+    """Rebuilds the typed error from an HTTP error response (the one error shape), for HTTP clients."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return ServiceError(f"HTTP {status_code}: {str(body)[:500]}")
+    types = {cls.status_code: cls for cls in (InvalidRequestError, AuthenticationError, NotFoundError,
+                                              ServiceUnavailableError)}
+    cls = types.get(status_code, ServiceError)
+    return cls(str(error.get("message", f"HTTP {status_code}")), param=error.get("param"))
 
 
 def unwrap_service_error(exc: BaseException) -> ServiceError | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sentencepiece as spm
 
@@ -85,6 +85,13 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def piece_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
@@ -109,23 +116,89 @@ def tokenize_conversation(
     max_tokens: int,
     truncate: TruncateMode = "none",
     conversation_index: int = 0,
+    field: str | None = None,
 ) -> TokenizedPrompt:
     """Renders and tokenizes one conversation within `max_tokens`.
 
     `truncate="none"` raises InputTooLongError when over the limit. `truncate="left"` drops the oldest
     turns whole, then the oldest tokens of the last remaining turn, always keeping the system segment,
     at least one token of the scored assistant turn's end, and `<extra_id_2>`; it raises
-    InputTooLongError when even that cannot fit.
+    InputTooLongError when even that cannot fit. `field` names the input in the error (another API's term).
     """
+    system_ids, turn_ids, end_ids = _encode_segments(messages, tokenizer)
+    return _fit(system_ids, turn_ids, end_ids, max_tokens, truncate, conversation_index, field)
+
+
+def tokenize_turns(
+    messages: Sequence[Message],
+    tokenizer: SentencePieceTokenizer,
+    *,
+    max_tokens: int,
+    truncate: TruncateMode = "none",
+    conversation_index: int = 0,
+) -> list[tuple[int, TokenizedPrompt]]:
+    """One prompt per assistant turn, as the reference annotator scores them: the conversation up to and
+    including that turn, then `<extra_id_2>`. Returns `(message index, prompt)` in turn order. Each
+    segment is encoded once; limits and truncation apply to each prefix as in `tokenize_conversation`."""
+    system_ids, turn_ids, end_ids = _encode_segments(messages, tokenizer)
+    offset = 1 if messages and messages[0].role == "system" else 0
+    indices = [i for i, message in enumerate(messages) if message.role == "assistant"]
+    # The last prefix is the whole conversation: fitting it first reports an over-long conversation with
+    # its full token count, exactly as `turns: "last"` does.
+    prompts = [
+        (i, _fit(system_ids, turn_ids[: i - offset + 1], end_ids, max_tokens, truncate, conversation_index, None))
+        for i in reversed(indices)
+    ]
+    return prompts[::-1]
+
+
+def fit_token_ids(token_ids: Sequence[int], tokenizer: SentencePieceTokenizer, *, max_tokens: int) -> TokenizedPrompt:
+    """Fits an already formatted prompt (the KServe/Triton route's input) into `max_tokens` the way
+    `truncate="left"` fits a conversation, so the score is still read at the real `<extra_id_2>`: the
+    prompt is split into its segments at the `<extra_id_1>` markers (what precedes the first is the system
+    segment, a trailing `<extra_id_2>` the end), then older turns are dropped whole and the oldest tokens of
+    the first kept turn cut. A system segment that leaves no room is dropped too; a prompt without markers
+    keeps its last tokens. `truncated` is set when tokens were dropped."""
+    ids = list(token_ids)
+    if len(ids) <= max_tokens:
+        return TokenizedPrompt(ids, truncated=False)
+    end = ids[-1:] if ids[-1] == tokenizer.piece_id(END_MARKER) else []
+    body = ids[: len(ids) - len(end)]
+    turn_marker_id = tokenizer.piece_id(TURN_MARKER)
+    starts = [i for i, token in enumerate(body) if token == turn_marker_id]
+    if not starts or starts[0] + len(end) >= max_tokens:
+        head, turns = [], [body]
+    else:
+        head = body[: starts[0]]
+        turns = [body[a:b] for a, b in zip(starts, starts[1:] + [len(body)])]
+    return _fit(head, turns, end, max_tokens, "left", 0, None)
+
+
+def _encode_segments(
+    messages: Sequence[Message], tokenizer: SentencePieceTokenizer
+) -> tuple[list[int], list[list[int]], list[int]]:
     segments = render_segments(messages)
-    system_ids = tokenizer.encode(segments.system)
-    turn_ids = [tokenizer.encode(turn) for turn in segments.turns]
-    end_ids = tokenizer.encode(segments.end)
+    return (
+        tokenizer.encode(segments.system),
+        [tokenizer.encode(turn) for turn in segments.turns],
+        tokenizer.encode(segments.end),
+    )
+
+
+def _fit(
+    system_ids: list[int],
+    turn_ids: Sequence[list[int]],
+    end_ids: list[int],
+    max_tokens: int,
+    truncate: TruncateMode,
+    conversation_index: int,
+    field: str | None,
+) -> TokenizedPrompt:
     total = len(system_ids) + sum(len(ids) for ids in turn_ids) + len(end_ids)
     if total <= max_tokens:
         return TokenizedPrompt(_join(system_ids, turn_ids, end_ids), truncated=False)
     if truncate == "none":
-        raise InputTooLongError(conversation_index, total, max_tokens)
+        raise InputTooLongError(conversation_index, total, max_tokens, field=field)
 
     fixed = len(system_ids) + len(end_ids)
     room_for_turns = max_tokens - fixed
@@ -135,6 +208,7 @@ def tokenize_conversation(
             total,
             max_tokens,
             detail=f"truncate=left cannot fit it: the system prompt and end marker alone take {fixed} tokens",
+            field=field,
         )
     kept = list(turn_ids)
     while len(kept) > 1 and sum(len(ids) for ids in kept) > room_for_turns:
@@ -151,3 +225,23 @@ def _join(system_ids: list[int], turn_ids: Sequence[list[int]], end_ids: list[in
         out.extend(ids)
     out.extend(end_ids)
     return out
+
+
+class SteerLMPrompt:
+    """The SteerLM template with a SentencePiece tokenizer (NeMo checkpoints), behind the same methods as
+    `deployments.chat_template.ChatTemplatePrompt` (HF checkpoints) so the router serves either."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer):
+        self.tokenizer = tokenizer
+        self.encode = tokenizer.encode
+        self.vocab_size = tokenizer.vocab_size
+        self.eos_id = tokenizer.eos_id
+
+    def tokenize_conversation(self, messages: Sequence[Message], **kwargs: Any) -> TokenizedPrompt:
+        return tokenize_conversation(messages, self.tokenizer, **kwargs)
+
+    def tokenize_turns(self, messages: Sequence[Message], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
+        return tokenize_turns(messages, self.tokenizer, **kwargs)
+
+    def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
+        return fit_token_ids(token_ids, self.tokenizer, max_tokens=max_tokens)

@@ -1,15 +1,20 @@
 """The HTTP ingress and handle entry point: validate -> render and tokenize -> batch to the model ->
 weigh the attributes -> respond.
 
-Conversations of all concurrent requests share one token-budget batch queue (`serve.batch` with
-`batch_size_fn` = total tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the
-wait and the number of batches in flight all come from the service config. Errors leave as the typed
-errors of `deployments.errors`: as JSON in one shape over HTTP, as the same types to handle callers.
+Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
+and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` (`deployments.kserve_api`),
+and `/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
+concurrent requests share one token-budget batch queue (`serve.batch` with `batch_size_fn` = total
+tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the wait and the number of
+batches in flight all come from the service config. Errors leave as the typed errors of
+`deployments.errors`: as JSON in one shape over HTTP, as the same types to handle callers. The optional
+API key (`deployments.auth`) and the request metrics (`deployments.metrics`) live in the HTTP middleware.
 No torch here, directly or indirectly.
 """
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -17,27 +22,52 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from configs.service import ServiceConfig
+from deployments.auth import ApiKeyCheck, load_api_key
 from deployments.errors import (
+    InputTooLongError,
     InvalidRequestError,
+    NotFoundError,
     ServiceError,
     ServiceUnavailableError,
     unwrap_service_error,
 )
-from deployments.prompt import SentencePieceTokenizer, TokenizedPrompt, tokenize_conversation
-from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, Usage, invalid_request_from_errors
-from sharding.nemo_archive import NemoCheckpoint
+from deployments.kserve_api import (
+    HEADER_LENGTH,
+    SERVED_MODEL_NAME,
+    InferRequest,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+    server_metadata,
+    token_lists,
+)
+from deployments.metrics import RouterMetrics
+from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
+from deployments.chat_template import prompt_format_for
+from deployments.prompt import TokenizedPrompt
+from deployments.schemas import (
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    TurnResult,
+    Usage,
+    invalid_request_from_errors,
+)
+from sharding.formats import open_checkpoint
 from sharding.protocol import EngineUnavailableError
 
 logger = logging.getLogger("ray.serve")
 
+SERVICE_VERSION = "0.1.0"
 REQUEST_ID_HEADER = "x-request-id"
+SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions"})
 MAX_REQUEST_ID_CHARS = 128
 _UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
@@ -78,14 +108,46 @@ def _error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(status_code=error.status_code, content=error.to_body())
 
 
+def _route_path(request: Request) -> str:
+    """The request path below the app's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+def requires_api_key(path: str) -> bool:
+    """The scoring routes; health, metadata and model listing stay open."""
+    return path in SCORING_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
 @app.middleware("http")
-async def _request_id_middleware(request: Request, call_next):
+async def _request_middleware(request: Request, call_next):
+    """Request id, API key (before any body parsing, so a keyless request always gets 401), and the
+    per-route request counter."""
     request_id = _request_id(request)
-    response = await call_next(request)
+    if requires_api_key(_route_path(request)):
+        try:
+            request.app.state.api_key_check.check(request.headers.get("authorization"))
+        except AttributeError:  # the router has not finished starting: never serve unchecked
+            response = _error_response(ServiceUnavailableError("the service is starting, retry later"))
+        except ServiceError as error:
+            logger.info("request %s rejected: %s", request_id, error.message)
+            response = _error_response(error)
+        else:
+            response = await call_next(request)
+    else:
+        response = await call_next(request)
     # Serve's proxy already echoes X-Request-Id on every response; set it only when nobody else will.
     if REQUEST_ID_HEADER not in request.headers and REQUEST_ID_HEADER not in response.headers:
         response.headers[REQUEST_ID_HEADER] = request_id
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request(_route_name(request), response.status_code)
     return response
+
+
+def _route_name(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 @app.exception_handler(RequestValidationError)
@@ -105,7 +167,7 @@ async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse
 class Router:
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
-        checkpoint = NemoCheckpoint.open(self._cfg.checkpoint_path)
+        checkpoint = open_checkpoint(self._cfg.checkpoint_path)
         arch = checkpoint.arch
         self._limit_tokens = self._cfg.max_input_tokens(arch)
         budget_tokens = self._cfg.router.max_tokens_per_batch
@@ -119,9 +181,13 @@ class Router:
             raise ValueError(
                 f"scoring.attribute_names has {num_attributes} names; the reward head has {arch.num_attributes}"
             )
-        self._tokenizer = SentencePieceTokenizer(checkpoint.tokenizer_path)
+        self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
         self._scoring = scoring_handle
+        self._metrics = RouterMetrics(self._cfg.parallel.micro_batch_size)
+        # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
+        app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
+        app.state.metrics = self._metrics
         # One queue per replica, configured from the service config (decorator arguments are fixed at
         # import time; Serve's setters cover only the size and the wait, not max_concurrent_batches).
         self._score_tokens = serve.batch(
@@ -135,14 +201,28 @@ class Router:
     def max_input_tokens(self) -> int:
         return self._limit_tokens
 
+    # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
+
     async def _run_model_batch(self, token_lists: list[list[int]]) -> list[np.ndarray]:
-        """One model call for a token-budget batch; splits the [B, A] result back per conversation."""
-        output = await self._model.score.remote(token_lists)
+        """One model call for a token-budget batch; splits the [B, A] result back per prompt."""
+        self._metrics.batch_started([len(ids) for ids in token_lists])
+        started_s = time.perf_counter()
+        try:
+            output = await self._model.score.remote(token_lists)
+        finally:
+            self._metrics.batch_finished(time.perf_counter() - started_s)
         attributes = np.asarray(output, dtype=np.float32)
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
         return [attributes[i] for i in range(len(token_lists))]
+
+    async def _attributes_for(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+        """float32 [N, A]: every prompt of a request enters the shared batch queue at once."""
+        rows = await asyncio.gather(*(self._score_tokens(ids) for ids in token_lists))
+        return np.stack(rows)
+
+    # --- POST /v1/score and the handle ------------------------------------------------------------------
 
     def _validate(self, body: ScoreRequest | dict[str, Any]) -> ScoreRequest:
         request = body if isinstance(body, ScoreRequest) else ScoreRequest.model_validate(body)
@@ -161,32 +241,34 @@ class Router:
             )
         return request
 
-    def _tokenize(self, request: ScoreRequest) -> list[TokenizedPrompt]:
-        return [
-            tokenize_conversation(
-                conversation.messages,
-                self._tokenizer,
-                max_tokens=self._limit_tokens,
-                truncate=request.truncate,
-                conversation_index=index,
-            )
-            for index, conversation in enumerate(request.conversations)
-        ]
+    def _tokenize(self, request: ScoreRequest) -> list[list[tuple[int, TokenizedPrompt]]]:
+        """Per conversation, its `(message index, prompt)` list: the last message only, or every assistant
+        turn's prefix with `turns: "all"`."""
+        out = []
+        for index, conversation in enumerate(request.conversations):
+            kwargs = dict(max_tokens=self._limit_tokens, truncate=request.truncate, conversation_index=index)
+            if request.turns == "all":
+                out.append(self._prompt.tokenize_turns(conversation.messages, **kwargs))
+            else:
+                last = len(conversation.messages) - 1
+                out.append([(last, self._prompt.tokenize_conversation(conversation.messages, **kwargs))])
+        return out
 
     async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
-        prompts = await asyncio.to_thread(self._tokenize, request)
-        rows = await asyncio.gather(*(self._score_tokens(prompt.token_ids) for prompt in prompts))
-        scored = await self._scoring.score.remote(np.stack(rows), request.weights)
-        results = [
-            ScoreResult(
-                index=i,
-                score=item["score"],
-                attributes=item["attributes"],
-                num_tokens=prompt.num_tokens,
-                truncated=prompt.truncated,
-            )
-            for i, (item, prompt) in enumerate(zip(scored, prompts))
-        ]
+        per_conversation = await asyncio.to_thread(self._tokenize, request)
+        prompts = [prompt for turns in per_conversation for _, prompt in turns]
+        self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
+        attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
+        scored = iter(await self._scoring.score.remote(attributes, request.weights))
+        results = []
+        for index, turns in enumerate(per_conversation):
+            turn_results = [
+                TurnResult(message_index=message_index, num_tokens=prompt.num_tokens, truncated=prompt.truncated,
+                           **next(scored))
+                for message_index, prompt in turns
+            ]
+            last = turn_results[-1].model_dump(exclude={"message_index"})
+            results.append(ScoreResult(index=index, turns=turn_results if request.turns == "all" else None, **last))
         usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts))
         return ScoreResponse(model=self._cfg.model_name, results=results, usage=usage)
 
@@ -203,17 +285,106 @@ class Router:
 
     @app.post("/v1/score", response_model=ScoreResponse)
     async def score_http(self, body: ScoreRequest, http_request: Request) -> Any:
-        request_id = _request_id(http_request)
         try:
             return await self._score_validated(self._validate(body))
         except Exception as exc:
-            error = as_service_error(exc)
-            if error is None:
-                logger.exception("request %s failed", request_id)
-                error = ServiceError("internal error; see the server log for request id " + request_id)
-            else:
-                logger.info("request %s failed: %s", request_id, error.message)
+            return self._http_error(exc, http_request)
+
+    # --- NIM / OpenAI chat completions --------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, http_request: Request) -> Any:
+        try:
+            self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
+            prompt = await asyncio.to_thread(
+                self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
+            )
+            attributes = await self._attributes_for([prompt.token_ids])
+            named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
+            return chat_completion_body(_request_id(http_request), self._cfg.model_name, named, prompt.num_tokens)
+        except Exception as exc:
+            return self._http_error(exc, http_request)
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return models_body(self._cfg.model_name)
+
+    # --- KServe v2 / Triton -------------------------------------------------------------------------------
+
+    @app.post("/v2/models/{model_name}/infer")
+    async def kserve_infer(self, model_name: str, http_request: Request) -> Response:
+        try:
+            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
+            request = parse_infer_request(
+                await http_request.body(),
+                http_request.headers.get(HEADER_LENGTH),
+                http_request.headers.get("content-encoding"),
+            )
+            prompts = await asyncio.to_thread(self._kserve_prompts, request)
+            self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
+            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
+            exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
+            body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
+            return Response(content=body, headers=headers)
+        except Exception as exc:
+            return self._http_error(exc, http_request)
+
+    def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
+        """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""
+        sequences = token_lists(request, self._prompt.encode, self._prompt.vocab_size, self._prompt.eos_id)
+        return [self._prompt.fit_token_ids(ids, max_tokens=self._limit_tokens) for ids in sequences]
+
+    @property
+    def _kserve_names(self) -> tuple[str, ...]:
+        return (SERVED_MODEL_NAME, self._cfg.model_name)
+
+    @app.get("/v2")
+    async def kserve_server_metadata(self) -> dict[str, Any]:
+        return server_metadata(SERVICE_VERSION)
+
+    @app.get("/v2/health/live")
+    async def kserve_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def kserve_ready(self) -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.get("/v2/models/{model_name}")
+    async def kserve_model_metadata(self, model_name: str) -> Any:
+        try:
+            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
+        except ServiceError as error:
             return _error_response(error)
+        return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
+
+    @app.get("/v2/models/{model_name}/ready")
+    async def kserve_model_ready(self, model_name: str) -> Any:
+        try:
+            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
+        except ServiceError as error:
+            return _error_response(error)
+        return {"name": model_name, "ready": True}
+
+    # --- shared -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_model(name: str, accepted: Sequence[str], param: str) -> None:
+        if name not in accepted:
+            raise NotFoundError(f"model {name!r} is not served here; this service serves {accepted[-1]!r}", param=param)
+
+    def _http_error(self, exc: Exception, http_request: Request) -> JSONResponse:
+        """The one error shape for whatever a route raised; unexpected errors become a logged 500."""
+        request_id = _request_id(http_request)
+        error = as_service_error(exc)
+        if error is None:
+            logger.exception("request %s failed", request_id)
+            error = ServiceError("internal error; see the server log for request id " + request_id)
+        else:
+            logger.info("request %s failed: %s", request_id, error.message)
+            if isinstance(error, InputTooLongError):
+                self._metrics.rejected_too_long(_route_name(http_request))
+        return _error_response(error)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

@@ -7,10 +7,20 @@ which knows the numbers; everything else is checked here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 from deployments.errors import InvalidRequestError
@@ -30,6 +40,26 @@ class Message(StrictBody):
     content: StrictStr = Field(min_length=1, description="The message text; must not be empty.")
 
 
+def check_message_roles(messages: list[Message]) -> list[Message]:
+    """A system message only first, an assistant message last (the one scored); pydantic errors whose ctx
+    carries the failing message's location."""
+    for index, message in enumerate(messages):
+        if message.role == "system" and index > 0:
+            raise PydanticCustomError(
+                "system_not_first",
+                "a system message is only allowed as the first message",
+                {"index": index, SUB_LOC_KEY: (index, "role")},
+            )
+    last = len(messages) - 1
+    if messages[last].role != "assistant":
+        raise PydanticCustomError(
+            "last_not_assistant",
+            "the last message must be from the assistant, not '{role}'",
+            {"index": last, "role": messages[last].role, SUB_LOC_KEY: (last, "role")},
+        )
+    return messages
+
+
 class Conversation(StrictBody):
     messages: list[Message] = Field(
         min_length=1, description="Turns in order; the last (assistant) message is the one scored."
@@ -38,21 +68,7 @@ class Conversation(StrictBody):
     @field_validator("messages")
     @classmethod
     def _check_roles(cls, messages: list[Message]) -> list[Message]:
-        for index, message in enumerate(messages):
-            if message.role == "system" and index > 0:
-                raise PydanticCustomError(
-                    "system_not_first",
-                    "a system message is only allowed as the first message",
-                    {"index": index, SUB_LOC_KEY: (index, "role")},
-                )
-        last = len(messages) - 1
-        if messages[last].role != "assistant":
-            raise PydanticCustomError(
-                "last_not_assistant",
-                "the last message must be from the assistant, not '{role}'",
-                {"index": last, "role": messages[last].role, SUB_LOC_KEY: (last, "role")},
-            )
-        return messages
+        return check_message_roles(messages)
 
 
 class ScoreRequest(StrictBody):
@@ -67,6 +83,19 @@ class ScoreRequest(StrictBody):
         default="none",
         description="`none` rejects over-long conversations; `left` drops the oldest turns, then tokens.",
     )
+    turns: Literal["last", "all"] = Field(
+        default="last",
+        description="`last` scores each conversation at its last message; `all` also scores every assistant "
+        "turn on its own prefix (the conversation up to that turn), returned as `turns`.",
+    )
+
+
+class TurnResult(StrictBody):
+    message_index: StrictInt = Field(description="Index in `messages` of the assistant turn scored.")
+    score: float = Field(description="dot(weights, attributes).")
+    attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
+    num_tokens: StrictInt = Field(description="Tokens the model scored for this prefix.")
+    truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
 
 
 class ScoreResult(StrictBody):
@@ -75,16 +104,35 @@ class ScoreResult(StrictBody):
     attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
     num_tokens: StrictInt = Field(description="Tokens the model scored for this conversation.")
     truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
+    turns: list[TurnResult] | None = Field(
+        default=None,
+        description="With `turns: \"all\"`: one result per assistant turn, in turn order (the last one is the "
+        "conversation's own result); absent otherwise.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_turns(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.turns is None:  # `turns: "last"` keeps the original response shape
+            data.pop("turns", None)
+        return data
 
 
 class Usage(StrictBody):
-    prompt_tokens: StrictInt = Field(description="Tokens scored over all conversations of the request.")
+    prompt_tokens: StrictInt = Field(description="Tokens scored over all prompts (conversations or turns).")
 
 
 class ScoreResponse(StrictBody):
     model: str = Field(description="Name of the served model.")
     results: list[ScoreResult] = Field(description="One result per conversation, in request order.")
     usage: Usage = Field(description="Token accounting.")
+
+
+def attribute_string(values: Mapping[str, float | int]) -> str:
+    """`name:value,name:value,...` in the given order: the content string of the hosted chat-completions
+    API and the SteerLM label format (REFERENCE section 6). Floats are written as Python's shortest
+    round-trip form, so parsing the string gives back exactly the number served."""
+    return ",".join(f"{name}:{value!r}" for name, value in values.items())
 
 
 def format_loc(loc: Sequence[Any]) -> str | None:

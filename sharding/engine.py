@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from configs.model import ModelArchConfig
 from configs.service import ServiceConfig
-from sharding.nemo_archive import NemoCheckpoint
+from sharding.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import EngineUnavailableError
 from sharding.worker import MicroBatch, ModelWorker
@@ -45,9 +45,9 @@ def make_micro_batches(token_batch: Sequence[Sequence[int]], micro_batch_size: i
 class MegatronEngine:
     def __init__(self, config: ServiceConfig, placement_group: PlacementGroup | None):
         self.config = config
-        checkpoint = NemoCheckpoint.open(config.checkpoint_path)
+        checkpoint = open_checkpoint(config.checkpoint_path)
         self.arch: ModelArchConfig = checkpoint.arch
-        config.check_against(self.arch)
+        config.parallel.check_against(self.arch)
         self.plan = placement_for(config)
         self._lock = asyncio.Lock()
         self._broken: str | None = None
@@ -63,7 +63,7 @@ class MegatronEngine:
                 )
             self.workers.append(
                 ModelWorker.options(scheduling_strategy=strategy, **options).remote(
-                    slot.rank, self.arch, config.parallel, config.runtime, str(checkpoint.weights_dir)
+                    slot.rank, self.arch, config.parallel, config.runtime, config.checkpoint_path
                 )
             )
         self.node_info = ray.get([w.node_info.remote() for w in self.workers])

@@ -1,9 +1,10 @@
 """The two modules this project plugs into megatron-core's local layer spec.
 
-* `LayerNorm1p`: LayerNorm whose weight is stored zero-centred (NeMo's "layernorm1p", applied as
-  weight + 1). megatron's torch norm refuses `layernorm_zero_centered_gamma`, and apex / TE are not
-  installed everywhere, so the norm is ours. Its parameters keep megatron's names (`weight`, `bias`), so
-  the local spec's key map reads Transformer-Engine checkpoints.
+* `Norm`: LayerNorm, LayerNorm with the weight stored zero-centred (NeMo's "layernorm1p", applied as
+  weight + 1), or RMSNorm (Llama), chosen by the TransformerConfig. megatron's torch norm refuses
+  `layernorm_zero_centered_gamma`, and apex / TE are not installed everywhere, so the norm is ours. Its
+  parameters keep megatron's names (`weight`, `bias`), so the local spec's key map reads
+  Transformer-Engine checkpoints.
 * `SDPACoreAttention`: core attention on `torch.nn.functional.scaled_dot_product_attention` with a causal
   mask. It replaces megatron's `DotProductAttention`, which builds its mask on CUDA and forks a CUDA RNG for
   dropout, and it is the fast path on GPU (REFERENCE.md section 8). Right padding + causal attention means
@@ -18,21 +19,22 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-class LayerNorm1p(torch.nn.Module):
+class Norm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
         super().__init__()
+        self.rms = config.normalization == "RMSNorm"
         self.zero_centered_gamma = config.layernorm_zero_centered_gamma
         self.eps = eps
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         init = torch.zeros if self.zero_centered_gamma else torch.ones
         self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype, device=device))
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
-        # megatron marks norm params for sequence-parallel grad reduction; harmless for inference.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
-        setattr(self.bias, "sequence_parallel", config.sequence_parallel)
+        self.bias = None if self.rms else torch.nn.Parameter(
+            torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + 1 if self.zero_centered_gamma else self.weight
+        if self.rms:
+            return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
 
 

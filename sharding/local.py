@@ -13,21 +13,20 @@ import numpy as np
 import torch
 
 from configs.service import RuntimeConfig
-from sharding.checkpoint import load_weights
+from sharding.formats import load_checkpoint_into, open_checkpoint
 from sharding.model import build_stage_model
-from sharding.nemo_archive import NemoCheckpoint
 from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
 
 class LocalScorer:
     def __init__(self, checkpoint_path: str, runtime: RuntimeConfig | None = None):
         self.runtime = runtime or RuntimeConfig()
-        checkpoint = NemoCheckpoint.open(checkpoint_path)
+        checkpoint = open_checkpoint(checkpoint_path)
         self.arch = checkpoint.arch
         init_model_parallel(self.runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                             tp=1, pp=1)
         self.model = build_stage_model(self.arch, self.runtime, tp=1, pp=1, pp_rank=0)
-        load_weights(self.model, checkpoint.weights_dir)
+        load_checkpoint_into(checkpoint, self.model)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
 
     def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:

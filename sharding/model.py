@@ -17,10 +17,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from configs.model import ModelArchConfig
 from configs.service import RuntimeConfig
-from sharding.layers import LayerNorm1p, SDPACoreAttention
+from sharding.layers import Norm, SDPACoreAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ACTIVATIONS = {"squared-relu": squared_relu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+ACTIVATIONS = {"squared-relu": squared_relu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu,
+               "swiglu": torch.nn.functional.silu}
 
 
 def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int) -> TransformerConfig:
@@ -34,8 +35,9 @@ def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, p
         kv_channels=arch.head_dim,
         layernorm_epsilon=arch.layernorm_epsilon,
         layernorm_zero_centered_gamma=arch.normalization == "layernorm1p",
+        normalization="RMSNorm" if arch.normalization == "rmsnorm" else "LayerNorm",
         activation_func=ACTIVATIONS[arch.activation],
-        gated_linear_unit=False,
+        gated_linear_unit=arch.activation == "swiglu",
         add_bias_linear=arch.bias,
         add_qkv_bias=arch.bias,
         hidden_dropout=0.0,
@@ -59,8 +61,8 @@ def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, p
 
 def layer_spec():
     spec = get_gpt_layer_local_spec()
-    spec.submodules.input_layernorm = LayerNorm1p
-    spec.submodules.pre_mlp_layernorm = LayerNorm1p
+    spec.submodules.input_layernorm = Norm
+    spec.submodules.pre_mlp_layernorm = Norm
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
@@ -70,7 +72,7 @@ class RewardGPTModel(GPTModel):
 
     def __init__(self, config: TransformerConfig, arch: ModelArchConfig, pre_process: bool, post_process: bool):
         block = TransformerBlockSubmodules(
-            layer_specs=[layer_spec()] * get_num_layers_to_build(config), layer_norm=LayerNorm1p
+            layer_specs=[layer_spec()] * get_num_layers_to_build(config), layer_norm=Norm
         )
         # post_process=False keeps GPTModel from building the LM output layer; the last stage's pieces
         # (final layernorm, reward head) are added below.
@@ -85,10 +87,12 @@ class RewardGPTModel(GPTModel):
             position_embedding_type="rope",
             rotary_percent=arch.rotary_percentage,
             rotary_base=arch.rotary_base,
+            rope_scaling=arch.rope_scaling is not None,
+            rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
         )
         self.is_last_stage = post_process
         if post_process:
-            self.decoder.final_layernorm = LayerNorm1p(config, config.hidden_size, eps=config.layernorm_epsilon)
+            self.decoder.final_layernorm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
             head_config = TransformerConfig(**{**config.__dict__, "params_dtype": torch.float32})
             self.rm_head = tensor_parallel.RowParallelLinear(
                 config.hidden_size,

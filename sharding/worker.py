@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -24,12 +23,12 @@ MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded)
 @ray.remote
 class ModelWorker:
     def __init__(self, rank: int, arch: ModelArchConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
-                 weights_dir: str):
+                 checkpoint_path: str):
         self.rank = rank
         self.arch = arch
         self.parallel = parallel
         self.runtime = runtime
-        self.weights_dir = weights_dir
+        self.checkpoint_path = checkpoint_path
         self.model = None
 
     def node_info(self) -> tuple[str, str, list[str], str | None]:
@@ -50,7 +49,7 @@ class ModelWorker:
         os.environ["LOCAL_RANK"] = str(local_rank)
         from megatron.core import parallel_state
 
-        from sharding.checkpoint import load_weights
+        from sharding.formats import load_checkpoint_into, open_checkpoint
         from sharding.model import build_stage_model
         from sharding.process_group import init_model_parallel
 
@@ -60,7 +59,7 @@ class ModelWorker:
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank)
-        load_weights(self.model, Path(self.weights_dir))
+        load_checkpoint_into(open_checkpoint(self.checkpoint_path), self.model)
         return self.rank
 
     def ping(self) -> int:

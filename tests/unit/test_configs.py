@@ -282,11 +282,21 @@ def test_tp_larger_than_gpus_per_node_names_both_numbers():
 
 
 def test_weights_length_must_match_attribute_names():
-    with pytest.raises(ValidationError, match="weights has 2 values; attribute_names has 9"):
-        ScoringConfig(weights=(0.5, 0.5))
-    with pytest.raises(ValidationError, match="weights has 9 values; attribute_names has 2"):
-        ScoringConfig(attribute_names=("a", "b"))
+    with pytest.raises(ValidationError, match="weights has 2 values; attribute_names has 3"):
+        ScoringConfig(attribute_names=("a", "b", "c"), weights=(0.5, 0.5))
     assert ScoringConfig(attribute_names=("a", "b"), weights=(1.0, -1.0)).weights == (1.0, -1.0)
+
+
+def test_one_of_names_or_weights_is_completed_from_the_checkpoint():
+    base = ServiceConfig(checkpoint_path="x", scoring={"weights": [0.5, 0.5]})  # names come from the checkpoint
+    assert base.with_output_names(("a", "b")).scoring.attribute_names == ("a", "b")
+    with pytest.raises(ValidationError, match="weights has 2 values; attribute_names has 9"):
+        base.with_output_names(ATTRIBUTE_NAMES)
+    single = ServiceConfig(checkpoint_path="x").with_output_names(("reward",))
+    assert single.scoring.weights == (1.0,)
+    assert ServiceConfig(checkpoint_path="x").with_output_names(ATTRIBUTE_NAMES).scoring.weights == DEFAULT_WEIGHTS
+    with pytest.raises(ValueError, match="set scoring.weights"):
+        ServiceConfig(checkpoint_path="x").with_output_names(("a", "b", "c"))
 
 
 def test_attribute_names_unique_and_non_empty():
@@ -450,16 +460,16 @@ def test_arch_shape_checks_name_numbers():
         arch(num_query_groups=3)
 
 
-@pytest.mark.parametrize("field,value", [("normalization", "rmsnorm"), ("activation", "swiglu"),
+@pytest.mark.parametrize("field,value", [("normalization", "groupnorm"), ("activation", "geglu"),
                                          ("num_layers", 0), ("layernorm_epsilon", 0)])
 def test_arch_rejects_unsupported_values(field, value):
     with pytest.raises(ValidationError, match=field):
         arch(**{field: value})
 
 
-def test_tokenizer_library_must_be_sentencepiece():
+def test_tokenizer_library_must_be_known():
     cfg = nemotron_nemo_dict()
-    cfg["tokenizer"] = {"library": "huggingface", "model": "x"}
+    cfg["tokenizer"] = {"library": "megatron", "model": "x"}
     with pytest.raises(ValidationError, match="library"):
         ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000)
 

@@ -3,6 +3,8 @@ import pickle
 import pytest
 
 from deployments.errors import (
+    AuthenticationError,
+    NotFoundError,
     InputTooLongError,
     InvalidRequestError,
     ServiceError,
@@ -15,7 +17,10 @@ CASES = [
     InvalidRequestError("bad role", param="conversations[2].messages[0].role"),
     InputTooLongError(3, 5120, 4096),
     InputTooLongError(1, 9000, 4096, detail="truncate=left cannot fit it"),
+    InputTooLongError(0, 5000, 4096, field="messages"),
     ServiceUnavailableError("worker 3 died"),
+    AuthenticationError("missing API key"),
+    NotFoundError("no model 'x'", param="model"),
 ]
 
 

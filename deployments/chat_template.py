@@ -1,0 +1,93 @@
+"""Prompts for HF reward models: the checkpoint's own Jinja chat template and its `tokenizer.json`.
+
+Rendering follows what transformers' `apply_chat_template(messages, tokenize=True)` does for a reward
+model: a sandboxed Jinja environment with `trim_blocks`/`lstrip_blocks` and loop controls, the tokenizer's
+special tokens as variables, no generation prompt, and encoding without adding special tokens (the
+template writes BOS itself). The score is read at the last token of the rendered conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from deployments.errors import InputTooLongError
+from deployments.prompt import SentencePieceTokenizer, SteerLMPrompt, TokenizedPrompt
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+class ChatTemplatePrompt:
+    """Renders and tokenizes conversations for an HF checkpoint (`sharding.hf_format.HFCheckpoint`)."""
+
+    def __init__(self, tokenizer_path: str, template: str, special_tokens: dict[str, str | None]):
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(template)
+        self._special = {k: v for k, v in special_tokens.items() if v is not None}
+        eos = self._special.get("eos_token")
+        self.eos_id = self._tokenizer.token_to_id(eos) if eos else None
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint) -> ChatTemplatePrompt:
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        return cls(str(checkpoint.tokenizer_path), checkpoint.chat_template,
+                   {name: checkpoint.special_token(name) for name in names})
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render(self, messages: Sequence[Any]) -> str:
+        plain = [{"role": m.role, "content": m.content} for m in messages]
+        return self._template.render(messages=plain, add_generation_prompt=False, **self._special)
+
+    def tokenize_conversation(self, messages: Sequence[Any], *, max_tokens: int, truncate: str = "none",
+                              conversation_index: int = 0, field: str | None = None) -> TokenizedPrompt:
+        """`truncate="left"` drops the oldest non-system messages (in user/assistant pairs where possible)
+        until the rendered conversation fits; the scored last turn is never cut."""
+        ids = self.encode(self.render(messages))
+        if len(ids) <= max_tokens:
+            return TokenizedPrompt(ids, truncated=False)
+        if truncate == "none":
+            raise InputTooLongError(conversation_index, len(ids), max_tokens, field=field)
+        system = [m for m in messages[:1] if m.role == "system"]
+        rest = list(messages[len(system):])
+        while len(rest) > 1:
+            rest = rest[2:] if len(rest) > 2 and rest[0].role == "user" else rest[1:]
+            kept = self.encode(self.render(system + rest))
+            if len(kept) <= max_tokens:
+                return TokenizedPrompt(kept, truncated=True)
+        raise InputTooLongError(conversation_index, len(ids), max_tokens, field=field,
+                                detail="truncate=left cannot fit it: the last turn alone is over the limit")
+
+    def tokenize_turns(self, messages: Sequence[Any], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
+        """One prompt per assistant turn: the conversation rendered up to and including that turn."""
+        return [(i, self.tokenize_conversation(messages[: i + 1], **kwargs))
+                for i, message in enumerate(messages) if message.role == "assistant"]
+
+    def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
+        """A pre-formatted prompt over the limit keeps its last `max_tokens` tokens (the scored end)."""
+        ids = list(token_ids)
+        return TokenizedPrompt(ids[-max_tokens:], truncated=len(ids) > max_tokens)
+
+
+def prompt_format_for(checkpoint) -> ChatTemplatePrompt | SteerLMPrompt:
+    """The checkpoint's prompt format: its own chat template (HF) or the SteerLM template (NeMo)."""
+    if checkpoint.arch.tokenizer.library == "huggingface":
+        return ChatTemplatePrompt.for_checkpoint(checkpoint)
+    return SteerLMPrompt(SentencePieceTokenizer(checkpoint.tokenizer_path))

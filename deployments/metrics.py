@@ -1,0 +1,90 @@
+"""Prometheus metrics of the router (through `ray.serve.metrics`, exported per node with a `ray_` prefix).
+
+* `reward_requests_total{route, status}`: every HTTP request by matched route template and status code.
+* `reward_rejected_too_long_total{route}`: inputs refused for being over the token limit;
+  `reward_truncated_inputs_total{route}`: inputs scored after dropping tokens (`truncate: left`, KServe).
+* `reward_batch_tokens`: real (unpadded) tokens per model batch.
+* `reward_batch_padding_share`: share of the computed tokens that are padding, per model batch.
+* `reward_batch_latency_seconds`: wall time of one model call, seen from the router.
+* `reward_batches_in_flight`: model batches sent and not yet answered.
+
+Padding is computed here from the batch's lengths with the engine's layout (`sharding.engine`: sort by
+length, cut into `parallel.micro_batch_size` sequences, pad each micro-batch to its longest), so it is exact
+for that layout without the engine reporting it; a change of layout there must be mirrored in
+`padded_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+TOKEN_BOUNDARIES = [64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0]
+SHARE_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
+    """Tokens the engine computes for one batch: length-sorted micro-batches, each padded to its longest."""
+    ordered = sorted(lengths, reverse=True)
+    return sum(ordered[start] * len(ordered[start:start + micro_batch_size])
+               for start in range(0, len(ordered), micro_batch_size))
+
+
+def padding_share(lengths: Sequence[int], micro_batch_size: int) -> float:
+    computed = padded_tokens(lengths, micro_batch_size)
+    return 1.0 - sum(lengths) / computed if computed else 0.0
+
+
+class RouterMetrics:
+    """The router's metric objects; create one per replica (inside Ray)."""
+
+    def __init__(self, micro_batch_size: int):
+        self._micro_batch_size = micro_batch_size
+        self._requests = Counter(
+            "reward_requests", description="HTTP requests by route and status code.", tag_keys=("route", "status")
+        )
+        self._rejected_too_long = Counter(
+            "reward_rejected_too_long", description="Inputs rejected for exceeding the token limit.",
+            tag_keys=("route",),
+        )
+        self._truncated = Counter(
+            "reward_truncated_inputs", description="Inputs scored after dropping tokens to fit the limit.",
+            tag_keys=("route",),
+        )
+        self._batch_tokens = Histogram(
+            "reward_batch_tokens", description="Real (unpadded) tokens per model batch.",
+            boundaries=TOKEN_BOUNDARIES,
+        )
+        self._padding_share = Histogram(
+            "reward_batch_padding_share", description="Padding share of the tokens computed per model batch.",
+            boundaries=SHARE_BOUNDARIES,
+        )
+        self._batch_latency_s = Histogram(
+            "reward_batch_latency_seconds", description="Model call wall time per batch, seen from the router.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self._in_flight = Gauge("reward_batches_in_flight", description="Model batches sent and not yet answered.")
+        self._in_flight_count = 0
+
+    def request(self, route: str, status: int) -> None:
+        self._requests.inc(tags={"route": route, "status": str(status)})
+
+    def rejected_too_long(self, route: str) -> None:
+        self._rejected_too_long.inc(tags={"route": route})
+
+    def truncated(self, route: str, count: int) -> None:
+        if count:
+            self._truncated.inc(count, tags={"route": route})
+
+    def batch_started(self, lengths: Sequence[int]) -> None:
+        self._batch_tokens.observe(float(sum(lengths)))
+        self._padding_share.observe(padding_share(lengths, self._micro_batch_size))
+        self._in_flight_count += 1
+        self._in_flight.set(self._in_flight_count)
+
+    def batch_finished(self, latency_s: float) -> None:
+        self._batch_latency_s.observe(latency_s)
+        self._in_flight_count -= 1
+        self._in_flight.set(self._in_flight_count)

@@ -1,0 +1,67 @@
+"""The hosted NVIDIA API's reward interface (NIM, OpenAI chat-completions shape; REFERENCE section 6):
+request and response bodies of `POST /v1/chat/completions` and `GET /v1/models`.
+
+The request is a conversation (user, then assistant; an optional system message first) scored at its last
+assistant message. The response carries the last five attributes (the trained ones) twice: as the
+`name:value,...` content string and as `logprobs.content` entries; `finish_reason` is `"length"` and
+`usage.completion_tokens` is 1, as the hosted API answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, StrictStr, field_validator
+
+from deployments.schemas import Message, StrictBody, attribute_string, check_message_roles
+
+NIM_TRAINED_ATTRIBUTES = 5  # the hosted API reports the HelpSteer attributes: the last five of the head
+OWNED_BY = "reward-serve"
+
+
+class ChatCompletionRequest(StrictBody):
+    model: StrictStr = Field(min_length=1, description="The served model's name, as `GET /v1/models` lists it.")
+    messages: list[Message] = Field(
+        min_length=1, description="The conversation; the last message must be the assistant's (it is scored)."
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _check_roles(cls, messages: list[Message]) -> list[Message]:
+        return check_message_roles(messages)
+
+
+def trained_attributes(attributes: Mapping[str, float]) -> dict[str, float]:
+    """The attributes the hosted API reports: the last `NIM_TRAINED_ATTRIBUTES` of the head, in order."""
+    return dict(list(attributes.items())[-NIM_TRAINED_ATTRIBUTES:])
+
+
+def chat_completion_body(
+    response_id: str, model: str, attributes: Mapping[str, float], prompt_tokens: int
+) -> dict[str, Any]:
+    """The chat-completions response body for one scored conversation (raw float values)."""
+    reported = trained_attributes(attributes)
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length",
+                "message": {"role": "assistant", "content": attribute_string(reported)},
+                "logprobs": {
+                    "content": [
+                        {"token": name, "logprob": value, "top_logprobs": []} for name, value in reported.items()
+                    ]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
+    }
+
+
+def models_body(model: str) -> dict[str, Any]:
+    """`GET /v1/models`: the one served model."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": OWNED_BY}]}

@@ -1,0 +1,43 @@
+import pytest
+from pydantic import ValidationError
+
+from configs.service import ATTRIBUTE_NAMES
+from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
+from deployments.schemas import invalid_request_from_errors
+
+VALUES = dict(zip(ATTRIBUTE_NAMES, [0.1, -0.2, 0.3, 0.4, 0.35, -0.36, 2.98, 0.1, 0.15]))
+
+
+def test_body_is_the_hosted_shape_with_the_five_trained_attributes():
+    body = chat_completion_body("req-1", "m", VALUES, prompt_tokens=60)
+    assert body == {
+        "id": "req-1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant",
+                                 "content": "helpfulness:0.35,correctness:-0.36,coherence:2.98,complexity:0.1,"
+                                            "verbosity:0.15"},
+                     "logprobs": {"content": [{"token": n, "logprob": VALUES[n], "top_logprobs": []}
+                                              for n in ATTRIBUTE_NAMES[-5:]]}}],
+        "usage": {"prompt_tokens": 60, "completion_tokens": 1, "total_tokens": 61},
+    }
+
+
+def test_content_floats_parse_back_exactly():
+    value = 0.3499999940395355  # a float32 value as /v1/score serves it
+    content = chat_completion_body("i", "m", {**VALUES, "helpfulness": value}, 1)["choices"][0]["message"]["content"]
+    assert float(content.split(",")[0].split(":")[1]) == value
+
+
+def test_models_body():
+    assert models_body("m")["data"][0]["id"] == "m"
+
+
+@pytest.mark.parametrize("payload, param", [
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "assistant", "content": "x"}], "temperature": 0}, "temperature"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "model"),
+])
+def test_request_validation_names_the_field(payload, param):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(payload)
+    assert invalid_request_from_errors(info.value.errors()).param == param
