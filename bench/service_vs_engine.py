@@ -1,25 +1,31 @@
 """CPU benchmark: the reward service over HTTP vs. the engine it wraps, on the demo model.
 
-    python bench/service_vs_engine.py                      # defaults: 192 conversations, concurrency 1 8 64
-    python bench/service_vs_engine.py -n 96 -c 1 8 64 --profile
+    python bench/service_vs_engine.py                         # 192 conversations, concurrency 1 8 64
+    python bench/service_vs_engine.py --profile               # + where the time goes
+    python bench/service_vs_engine.py --micro-batch-size 16   # configs/local.yaml exactly (see bench/README.md)
 
-What it measures (tokens are real prompt tokens, exactly what the router scores; no padding counted):
+Config: configs/local.yaml's app args with micro_batch_size 1 (this benchmark's CPU tuning; flags below).
+
+What it measures (tokens are real prompt tokens, exactly what the router scores; padding never counts):
 
 * engine tokens/s: `sharding.engine.MegatronEngine` built directly in this driver (same worker actors,
-  same placement-group bundles, same micro-batching) and fed the pre-tokenized conversations, grouped
-  in arrival order into batches by the router's token budget (`router.max_tokens_per_batch`). This is
-  the best the service could do with that config: no HTTP, no per-request work, full batches.
+  same placement-group bundles, same micro-batching) fed the pre-tokenized conversations, grouped in
+  arrival order into batches by the router's token budget (`router.max_tokens_per_batch`). This is the
+  best the service could do with that config: no HTTP, no per-request work, full batches. The engine
+  stays up beside the service and is re-timed before and after every HTTP pass.
 * service tokens/s: the real app (`serve_app.build_app`) on Serve, `POST /v1/score` with one
   conversation per request, a bounded httpx client at each concurrency level; tokens counted from the
-  responses' `num_tokens`.
-* ratio = service / engine per concurrency; `service_over_engine` is the ratio at the highest level
+  responses' `num_tokens` (checked against the pre-tokenized total).
+* ratio = service tokens/s / mean of the engine passes just before and after that HTTP pass (the
+  machine is shared, so its free CPU drifts); `service_over_engine` is the ratio at the highest level
   (64 by default; target >= 0.8).
 
-`--profile` adds, for each HTTP pass, the CPU seconds each process role of this Ray instance used
-(model worker, router, proxy, ...; the HTTP client is this driver), the model worker's forward count
-(= model batches), tokens per forward and busy share (from Ray's task events), and a pass through a
-Serve handle (`Router.score`, no HTTP) at the highest concurrency, so HTTP cost and batching cost can be
-told apart.
+`--profile` adds, per HTTP pass: CPU seconds of each process role of this Ray instance (worker,
+router, proxy, scoring, ...; the HTTP client is this driver), the worker compute thread's on-CPU /
+run-queue-wait / idle shares (from /proc schedstat), real tokens per worker CPU-second relative to the
+engine's, and the model calls the router made (from the model replica's Serve access log); then a pass
+through a Serve handle (`Router.score`, no HTTP) and an engine pass on the service's batch shape, so
+HTTP cost, batching cost and CPU contention can be told apart.
 
 Own Ray instance (`/tmp/ray_bench`, 4 logical CPUs, no dashboard) and Serve on 127.0.0.1:8100, so it
 does not touch a service on :8000 or another Ray cluster on the machine. It shuts down only what it
@@ -196,24 +202,37 @@ def _role(cmdline: list[str], name: str) -> str:
     return "other:" + name
 
 
+def _thread_schedstats(pid: int) -> dict[int, tuple[float, float]]:
+    """tid -> (on-CPU seconds, runnable-but-waiting-for-a-CPU seconds) for each thread of a process."""
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            r, w, _ = stat.read_text().split()
+            out[int(stat.parent.name)] = (int(r) / 1e9, int(w) / 1e9)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 class CpuSampler:
-    """CPU seconds (user+system) per role over an interval, for the driver and its descendants."""
+    """Over an interval, for the driver and its descendants (this Ray instance only), from /proc schedstat:
+    CPU seconds per process role, and for the model worker's busiest thread (the one running the
+    forward) its CPU seconds and its run-queue wait (runnable, but no CPU free: contention)."""
 
     def __init__(self) -> None:
         import psutil
 
         self._psutil = psutil
-        self._start: dict[int, tuple[str, float]] = {}
+        self._start: dict[int, tuple[str, dict[int, tuple[float, float]]]] = {}
 
-    def _snapshot(self) -> dict[int, tuple[str, float]]:
+    def _snapshot(self) -> dict[int, tuple[str, dict[int, tuple[float, float]]]]:
         psutil = self._psutil
         me = psutil.Process(os.getpid())
         out = {}
         for proc in [me, *me.children(recursive=True)]:
             try:
                 role = "driver (HTTP client)" if proc.pid == me.pid else _role(proc.cmdline(), proc.name())
-                t = proc.cpu_times()
-                out[proc.pid] = (role, t.user + t.system)
+                out[proc.pid] = (role, _thread_schedstats(proc.pid))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         return out
@@ -222,14 +241,20 @@ class CpuSampler:
         self._start = self._snapshot()
 
     def stop(self) -> dict[str, float]:
+        """CPU seconds by role; the worker's busiest thread is in `self.worker_thread` (cpu_s, wait_s)."""
         end = self._snapshot()
-        by_role: dict[str, float] = defaultdict(float)
-        for pid, (role, cpu) in end.items():
-            role0, cpu0 = self._start.get(pid, (role, 0.0))
+        cpu: dict[str, float] = defaultdict(float)
+        self.worker_thread = (0.0, 0.0)
+        for pid, (role, threads) in end.items():
+            role0, threads0 = self._start.get(pid, (role, {}))
             if role0.startswith("IDLE") or role0.startswith("other"):
                 role0 = role
-            by_role[role0] += cpu - cpu0
-        return {k: round(v, 3) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+            for tid, (run, wait) in threads.items():
+                run0, wait0 = threads0.get(tid, (0.0, 0.0))
+                cpu[role0] += run - run0
+                if role0 == "ModelWorker" and run - run0 > self.worker_thread[0]:
+                    self.worker_thread = (run - run0, wait - wait0)
+        return {k: round(v, 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
 _ACCESS_LINE = re.compile(r"^INFO (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* CALL score OK ([\d.]+)ms")
@@ -270,67 +295,68 @@ def _union_s(spans: list[tuple[float, float]]) -> float:
 # Engine measurement
 
 
-def _torch_threads(_actor) -> dict[str, Any]:
-    import torch
+class EngineBench:
+    """A MegatronEngine built directly in this driver (its own placement group, same bundles as the
+    model deployment's), kept alive beside the service so engine passes can be interleaved with the HTTP
+    passes: each service number is compared with engine passes run just before and after it, which
+    keeps a busy shared machine from biasing the ratio."""
 
-    return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    def __init__(self, config: ServiceConfig):
+        import ray
+        from ray.util.placement_group import placement_group
 
+        from sharding.engine import MegatronEngine
+        from sharding.placement import placement_for
 
-def measure_engine(config: ServiceConfig, token_lists: list[list[int]], reps: int, profile: bool = False
-                   ) -> dict[str, Any]:
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+        self.config = config
+        plan = placement_for(config)
+        self.pg = placement_group(plan.bundles, strategy=plan.strategy)
+        ray.get(self.pg.ready(), timeout=120)
+        t0 = time.perf_counter()
+        self.engine = MegatronEngine(config, self.pg)
+        self.setup_s = time.perf_counter() - t0
 
-    from sharding.engine import MegatronEngine
-    from sharding.placement import placement_for
+        def torch_threads(_actor) -> dict[str, Any]:  # nested: pickled by value, runs in the worker
+            import os
 
-    plan = placement_for(config)
-    pg = placement_group(plan.bundles, strategy=plan.strategy)
-    ray.get(pg.ready(), timeout=120)
-    t0 = time.perf_counter()
-    engine = MegatronEngine(config, pg)
-    setup_s = time.perf_counter() - t0
-    worker_threads = ray.get(engine.workers[0].__ray_call__.remote(_torch_threads))
-    batches = budget_batches(token_lists, config.router.max_tokens_per_batch)
-    total = sum(len(t) for t in token_lists)
-    padded = sum(padded_tokens(b, config.parallel.micro_batch_size) for b in batches)
+            import torch
 
-    async def run() -> list[float]:
-        for batch in batches[: max(1, min(2, len(batches)))]:  # warm-up
-            await engine.score(batch)
-        if sampler:
-            sampler.start()
-        times = []
-        for _ in range(reps):
+            return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+        self.worker = ray.get(self.engine.workers[0].__ray_call__.remote(torch_threads))
+
+    def run(self, batches: list[list[list[int]]], profile: bool = False) -> dict[str, Any]:
+        """One timed pass over `batches`, awaited one after another; tokens/s of real tokens."""
+        num_attributes = len(self.config.scoring.attribute_names)
+
+        async def go() -> float:
             t = time.perf_counter()
             for batch in batches:
-                out = await engine.score(batch)
-                assert out.shape == (len(batch), len(config.scoring.attribute_names)), out.shape
-            times.append(time.perf_counter() - t)
-        return times
+                out = await self.engine.score(batch)
+                assert out.shape == (len(batch), num_attributes), out.shape
+            return time.perf_counter() - t
 
-    sampler = CpuSampler() if profile else None
-    try:
-        times = asyncio.run(run())
-        cpu = sampler.stop() if sampler else None
-    finally:
-        engine.shutdown()
-        remove_placement_group(pg)
-    best, median = min(times), statistics.median(times)
-    return {
-        "tokens": total,
-        "padded_tokens": padded,
-        "padding_overhead": round(padded / total - 1, 4),
-        "batches": len(batches),
-        "mean_tokens_per_batch": round(total / len(batches), 1),
-        "reps_s": [round(t, 3) for t in times],
-        "tokens_per_s": round(total / median, 1),
-        "tokens_per_s_best": round(total / best, 1),
-        "setup_s": round(setup_s, 2),
-        "worker": worker_threads,
-        **({"cpu_s_by_role": cpu, "worker_cpu_share": round(cpu.get("ModelWorker", 0.0) / sum(times), 3)}
-           if cpu else {}),
-    }
+        sampler = CpuSampler() if profile else None
+        if sampler:
+            sampler.start()
+        load = os.getloadavg()[0]
+        wall = asyncio.run(go())
+        tokens = sum(len(t) for b in batches for t in b)
+        out = {"tokens": tokens, "batches": len(batches), "wall_s": round(wall, 3),
+               "tokens_per_s": round(tokens / wall, 1), "loadavg_1m": round(load, 2)}
+        if sampler:
+            cpu = sampler.stop()
+            out["worker_cpu_share"] = round(sampler.worker_thread[0] / wall, 3)
+            out["worker_runqueue_wait_share"] = round(sampler.worker_thread[1] / wall, 3)
+            run = sampler.worker_thread[0]
+            out["tokens_per_worker_cpu_s"] = round(tokens / run, 1) if run else None
+        return out
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        self.engine.shutdown()
+        remove_placement_group(self.pg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,20 +410,27 @@ async def handle_pass(conversations: list[list[dict[str, str]]], concurrency: in
 
     handle = serve.get_app_handle("reward")
     queue = list(range(len(conversations)))[::-1]
+    latencies: list[float] = []
     tokens = 0
 
     async def worker() -> None:
         nonlocal tokens
         while queue:
             i = queue.pop()
+            t = time.perf_counter()
             out = await handle.score.remote({"conversations": [{"messages": conversations[i]}]})
+            latencies.append(time.perf_counter() - t)
             tokens += sum(res["num_tokens"] for res in out["results"])
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1)}
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": len(conversations), "tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "requests_per_s": round(len(conversations) / wall, 2),
+            "latency_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "latency_p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
 
 
 def profiled(fn, *a, profile: bool) -> dict[str, Any]:
@@ -416,7 +449,11 @@ def profiled(fn, *a, profile: bool) -> dict[str, Any]:
     cpu = sampler.stop()
     result["cpu_s_by_role"] = cpu
     result["cpu_cores_used"] = round(sum(cpu.values()) / wall, 2)
-    result["worker_cpu_share"] = round(cpu.get("ModelWorker", 0.0) / wall, 3)
+    run, wait = sampler.worker_thread
+    result["worker_cpu_share"] = round(run / wall, 3)
+    result["worker_runqueue_wait_share"] = round(wait / wall, 3)
+    result["worker_idle_share"] = round(max(0.0, 1 - (run + wait) / wall), 3)
+    result["tokens_per_worker_cpu_s"] = round(result["tokens"] / run, 1) if run else None
     time.sleep(1.0)  # access-log lines are written asynchronously
     spans = model_calls(t0, t1)
     if spans:
@@ -451,15 +488,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def print_table(engine: dict[str, Any], service: list[dict[str, Any]]) -> None:
-    e = engine["tokens_per_s"]
+def print_table(engine_tps: float, service: list[dict[str, Any]], handle: dict[str, Any] | None) -> None:
     print()
-    print(f"{'path':<26}{'tokens/s':>12}{'ratio':>8}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}")
-    print(f"{'engine (direct, batched)':<26}{e:>12,.1f}{1.0:>8.2f}{'':>9}{'':>10}{'':>10}")
-    for s in service:
-        print(f"{'service HTTP c=' + str(s['concurrency']):<26}{s['tokens_per_s']:>12,.1f}"
-              f"{s['tokens_per_s'] / e:>8.2f}{s['requests_per_s']:>9.2f}{s['latency_p50_ms']:>10.1f}"
-              f"{s['latency_p99_ms']:>10.1f}")
+    print(f"{'path':<28}{'tokens/s':>11}{'ratio':>8}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'convs/batch':>13}")
+    print(f"{'engine (direct, median)':<28}{engine_tps:>11,.1f}{1.0:>8.2f}")
+    for r in [*service, *([handle] if handle else [])]:
+        name = ("handle (no HTTP) c=" if r is handle else "service HTTP c=") + str(r["concurrency"])
+        print(f"{name:<28}{r['tokens_per_s']:>11,.1f}{r['ratio']:>8.2f}{r['requests_per_s']:>8.2f}"
+              f"{r['latency_p50_ms']:>9.1f}{r['latency_p99_ms']:>9.1f}"
+              f"{r.get('conversations_per_model_call', float('nan')):>13.2f}")
+    print("ratio = service tokens/s / mean of the engine passes run just before and after it")
     print()
 
 
@@ -470,13 +508,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-tokens", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=600)
-    p.add_argument("--engine-reps", type=int, default=3, help="Timed passes over all batches (median used).")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "service_vs_engine.json"))
     p.add_argument("--profile", action="store_true",
-                   help="CPU by process role, forward count/busy share per pass, and a handle (no HTTP) pass.")
-    g = p.add_argument_group("config overrides (default: configs/local.yaml)")
-    g.add_argument("--micro-batch-size", type=int)
+                   help="Per pass: CPU by process role, the worker's on-CPU/run-queue/idle shares, model calls "
+                        "and batch sizes; plus a handle (no HTTP) pass and an engine pass on the service's batch shape.")
+    g = p.add_argument_group("config: configs/local.yaml's app args with these overrides")
+    g.add_argument("--micro-batch-size", type=int, default=1,
+                   help="parallel.micro_batch_size (default 1, this benchmark's CPU tuning: no padding; "
+                        "16 = local.yaml as is)")
     g.add_argument("--max-tokens-per-batch", type=int)
     g.add_argument("--batch-wait-timeout-s", type=float)
     g.add_argument("--torch-threads", type=int, help="runtime.torch_threads_per_worker")
@@ -513,13 +553,42 @@ def main() -> None:
     info = machine_info()
     ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=4, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
-    result: dict[str, Any] = {}
+    batches = budget_batches(token_lists, config.router.max_tokens_per_batch)
+    padded = sum(padded_tokens(b, config.parallel.micro_batch_size) for b in batches)
+    engine_passes: list[dict[str, Any]] = []
+    service: list[dict[str, Any]] = []
+    handle = None
+    small_batches = None
+    bench = None
+
+    def engine_pass(label: str) -> dict[str, Any]:
+        r = {"label": label, **bench.run(batches, profile=args.profile)}
+        engine_passes.append(r)
+        print(f"engine pass ({label}): {r['tokens_per_s']:,.1f} tokens/s in {r['wall_s']:.2f}s"
+              + (f", worker CPU share {r['worker_cpu_share']}, run-queue wait share "
+                 f"{r['worker_runqueue_wait_share']}" if "worker_cpu_share" in r else "")
+              + f" (load {r['loadavg_1m']})", flush=True)
+        return r
+
+    def compare(r: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+        ref = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+        r["engine_tokens_per_s_adjacent"] = round(ref, 1)
+        r["ratio"] = round(r["tokens_per_s"] / ref, 3)
+        cpu_eff = [x.get("tokens_per_worker_cpu_s") for x in (r, before, after)]
+        if all(cpu_eff):
+            # Contention-free view: real tokens per CPU-second of the worker's compute thread, service over
+            # engine. Below 1 = the service's batches cost more compute per token (shape, padding, calls);
+            # the rest of the gap is the worker getting less CPU (run-queue wait) or idling.
+            r["ratio_per_worker_cpu_s"] = round(cpu_eff[0] / ((cpu_eff[1] + cpu_eff[2]) / 2), 3)
+
     try:
-        print("engine: building workers and timing ...", flush=True)
-        engine = measure_engine(config, token_lists, args.engine_reps, profile=args.profile)
-        print(f"engine: {engine['tokens_per_s']:,.1f} tokens/s over {engine['batches']} batches "
-              f"(passes {engine['reps_s']} s; padding +{100 * engine['padding_overhead']:.1f}%; "
-              f"worker {engine['worker']})", flush=True)
+        print(f"engine: building workers ({len(batches)} budget batches of "
+              f"<= {config.router.max_tokens_per_batch} tokens; micro-batches of "
+              f"{config.parallel.micro_batch_size} pad {padded - total_tokens} tokens, "
+              f"+{100 * (padded / total_tokens - 1):.1f}%) ...", flush=True)
+        bench = EngineBench(config)
+        bench.run(batches[:2])  # warm-up
+        print(f"engine: ready in {bench.setup_s:.1f}s, worker {bench.worker}", flush=True)
 
         from serve_app import build_app
 
@@ -528,46 +597,71 @@ def main() -> None:
         serve.run(build_app(cfg_args), name="reward", route_prefix="/")
         print(f"service: deployed in {time.perf_counter() - t:.1f}s", flush=True)
         base_url = f"http://127.0.0.1:{HTTP_PORT}"
-        warm = conversations[: min(len(conversations), 32)]
-        asyncio.run(http_pass(warm, 8, base_url))  # warm-up: connections, worker allocations
+        asyncio.run(http_pass(conversations[: min(len(conversations), 32)], 8, base_url))  # warm-up
 
-        service = []
+        before = engine_pass("start")
         for c in args.concurrency:
             r = profiled(http_pass, conversations, c, base_url, profile=args.profile)
             if r["tokens"] != total_tokens:
                 raise RuntimeError(f"service scored {r['tokens']} tokens; the pre-tokenized set has "
                                    f"{total_tokens}: tokenization differs")
-            r["ratio"] = round(r["tokens_per_s"] / engine["tokens_per_s"], 3)
-            print(f"service c={c}: {r['tokens_per_s']:,.1f} tokens/s (ratio {r['ratio']:.2f})"
-                  + (f" {json.dumps({k: v for k, v in r.items() if k not in ('concurrency', 'tokens')})}"
-                     if args.profile else ""), flush=True)
+            after = engine_pass(f"after c={c}")
+            compare(r, before, after)
+            before = after
+            extra = {k: v for k, v in r.items() if k not in ("concurrency", "tokens", "requests", "ratio")}
+            print(f"service c={c}: {r['tokens_per_s']:,.1f} tokens/s, ratio {r['ratio']:.3f} "
+                  f"{json.dumps(extra)}", flush=True)
             service.append(r)
-        handle = None
         if args.profile:
             c = max(args.concurrency)
             handle = profiled(handle_pass, conversations, c, profile=True)
-            handle["ratio"] = round(handle["tokens_per_s"] / engine["tokens_per_s"], 3)
+            compare(handle, before, engine_pass("after handle pass"))
             print(f"handle (no HTTP) c={c}: {json.dumps(handle)}", flush=True)
+            top = max(service, key=lambda s: s["concurrency"])
+            k = max(1, round(top.get("conversations_per_model_call", 1)))
+            chunks = [token_lists[i:i + k] for i in range(0, len(token_lists), k)]
+            r = bench.run(chunks, profile=True)
+            small_batches = {"conversations_per_batch": k, **r,
+                             "padded_tokens": sum(padded_tokens(b, config.parallel.micro_batch_size) for b in chunks),
+                             "vs_budget_batches": round(r["tokens_per_s"] / engine_passes[-1]["tokens_per_s"], 3)}
+            print(f"engine on the service's batch shape ({k} conversations a batch, as at c={c}): "
+                  f"{json.dumps(small_batches)}", flush=True)
     finally:
         try:
+            if bench is not None:
+                bench.close()
             serve.shutdown()
         finally:
             ray.shutdown()
 
-    print_table(engine, service)
+    if not service:
+        raise SystemExit("no service pass completed")
+    engine_tps = round(statistics.median(p["tokens_per_s"] for p in engine_passes), 1)
+    print_table(engine_tps, service, handle)
     top = max(service, key=lambda s: s["concurrency"])
     result = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "engine_tokens_per_s": engine["tokens_per_s"],
+        "engine_tokens_per_s": engine_tps,
         "service_tokens_per_s": {str(s["concurrency"]): s["tokens_per_s"] for s in service},
         "ratio_service_over_engine": {str(s["concurrency"]): s["ratio"] for s in service},
+        "ratio_vs_median_engine": {str(s["concurrency"]): round(s["tokens_per_s"] / engine_tps, 3) for s in service},
         "service_over_engine": top["ratio"],
         "service_over_engine_concurrency": top["concurrency"],
         "target": 0.8,
         "meets_target": top["ratio"] >= 0.8,
-        "engine": engine,
+        "ratio_method": "service tokens/s over the mean of the engine passes run just before and after it",
+        "engine": {
+            "passes": engine_passes,
+            "batches": len(batches),
+            "mean_tokens_per_batch": round(total_tokens / len(batches), 1),
+            "padded_tokens": padded,
+            "padding_overhead": round(padded / total_tokens - 1, 4),
+            "setup_s": round(bench.setup_s, 2),
+            "worker": bench.worker,
+        },
         "service": service,
         "handle_no_http": handle,
+        "engine_on_service_batch_shape": small_batches,
         "workload": {
             "conversations": len(conversations), "seed": args.seed, "tokens": total_tokens,
             "length_min": min(lengths), "length_median": statistics.median(lengths), "length_max": max(lengths),
@@ -579,7 +673,7 @@ def main() -> None:
                              ("micro_batch_size", "max_tokens_per_batch", "batch_wait_timeout_s",
                               "torch_threads", "cpus_per_worker") if getattr(args, k) is not None},
         "machine": {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-                    "worker_torch_threads": engine["worker"]["torch_threads"]},
+                    "worker_torch_threads": bench.worker["torch_threads"]},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

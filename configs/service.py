@@ -68,7 +68,9 @@ class RuntimeConfig(StrictModel):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs reserved per worker actor.")
     torch_threads_per_worker: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads per worker; null keeps torch's default."
+        default=None, ge=1,
+        description="torch intra-op threads per worker; null keeps the process default (Ray sets OMP_NUM_THREADS "
+                    "to the worker's CPUs).",
     )
     replica_cpus: float = Field(default=0.1, ge=0, description="Ray CPUs of the model replica (in bundle 0).")
     worker_env: dict[str, str] = Field(

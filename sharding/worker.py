@@ -78,7 +78,7 @@ class ModelWorker:
         first = parallel_state.is_pipeline_first_stage()
         last = parallel_state.is_pipeline_last_stage()
         dtype = DTYPES[self.runtime.dtype]
-        outputs: list[np.ndarray] = []
+        outputs: list[torch.Tensor] = []
         sends = []
         with torch.no_grad():
             for tokens, lengths in micro_batches:
@@ -93,11 +93,11 @@ class ModelWorker:
                     out = out.contiguous()  # kept referenced in `sends` until the send completes
                     sends.append((out, dist.isend(out, dst=parallel_state.get_pipeline_model_parallel_next_rank())))
                 elif self.tp_rank == 0:
-                    outputs.append(out.float().cpu().numpy())
+                    outputs.append(out)  # stays on the device: one copy to host at the end, not one per micro-batch
             for _, req in sends:
                 req.wait()
         if last and self.tp_rank == 0:
-            return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)
+            return torch.cat(outputs).float().cpu().numpy()
         return None
 
     def shutdown(self) -> None:

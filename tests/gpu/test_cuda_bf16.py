@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 import torch
@@ -55,11 +53,9 @@ def test_local_forward_bf16_cuda(checkpoint, token_batch, cpu_reference):
 
 def test_engine_in_ray_with_nccl(checkpoint, token_batch, cpu_reference):
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
 
     from configs.service import ServiceConfig
-    from sharding.engine import MegatronEngine
-    from sharding.placement import placement_for
+    from tests.engine_runner import score_with_engine
 
     config = ServiceConfig.model_validate({
         "checkpoint_path": str(checkpoint),
@@ -67,15 +63,7 @@ def test_engine_in_ray_with_nccl(checkpoint, token_batch, cpu_reference):
     })
     ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        plan = placement_for(config)
-        pg = placement_group(plan.bundles, strategy=plan.strategy)
-        ray.get(pg.ready(), timeout=60)
-        engine = MegatronEngine(config, pg)
-        try:
-            rewards = asyncio.run(engine.score(token_batch))
-        finally:
-            engine.shutdown()
-            remove_placement_group(pg)
+        rewards = score_with_engine(config, token_batch)
     finally:
         ray.shutdown()
     np.testing.assert_allclose(rewards, cpu_reference, atol=BF16_TOL, rtol=0)

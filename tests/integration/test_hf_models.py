@@ -3,15 +3,12 @@ at TP2 and PP2 in worker actors, and over HTTP with the checkpoint's chat templa
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import numpy as np
 import pytest
-import ray
 from ray import serve
-from ray.util.placement_group import placement_group, remove_placement_group
 
+from tests.engine_runner import score_with_engine
 from tests.hf_models import transformers_rewards, write_hf_model
 from tests.integration.conftest import NODE_GPUS, deploy, service_args
 
@@ -57,24 +54,14 @@ def test_single_process_matches_transformers(hf_models, kind):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_sharded_llama_matches_transformers(ray_cluster, hf_models, tp, pp):
     from configs.service import ServiceConfig
-    from sharding.engine import MegatronEngine
-    from sharding.placement import placement_for
 
     path, model = hf_models["llama-seqcls"]
     config = ServiceConfig.model_validate(service_args(
         path, parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "micro_batch_size": 2},
         runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5}, router={"max_input_tokens": 4096},
     ))
-    plan = placement_for(config)
-    pg = placement_group(plan.bundles, strategy=plan.strategy)
-    ray.get(pg.ready(), timeout=60)
-    engine = MegatronEngine(config, pg)
     batch = hf_token_batch(path)
-    try:
-        got = asyncio.run(engine.score(batch))
-    finally:
-        engine.shutdown()
-        remove_placement_group(pg)
+    got = score_with_engine(config, batch)
     np.testing.assert_allclose(got, transformers_rewards(model, "llama-seqcls", batch).numpy(), atol=TOL, rtol=0)
 
 

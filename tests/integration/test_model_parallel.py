@@ -3,7 +3,6 @@ on distinct nodes, the HTTP app on that topology, and recovery from a killed wor
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -11,12 +10,12 @@ import time
 import httpx
 import numpy as np
 import pytest
-import ray
 from ray import serve
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group_table
 from ray._private.state import actors as gcs_actor_table  # GCS records; the state API needs a dashboard
 
 from configs.service import ServiceConfig
+from tests.engine_runner import score_with_engine
 from tests.integration.conftest import NODE_GPUS, deploy, service_args
 from tests.integration.test_service import reference_attributes
 
@@ -61,22 +60,14 @@ def assert_stages_on_distinct_nodes(workers: list[dict], pg_id: str, pp: int) ->
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2pp1", "tp1pp2", "tp2pp2"])
 def test_engine_matches_single_process(ray_cluster, demo_checkpoint, reference_scorer, token_batch, tp, pp):
-    from sharding.engine import MegatronEngine
-    from sharding.placement import placement_for
-
     config = ServiceConfig.model_validate(parallel_config(demo_checkpoint, tp, pp))
-    plan = placement_for(config)
-    pg = placement_group(plan.bundles, strategy=plan.strategy)
-    ray.get(pg.ready(), timeout=60)
-    engine = MegatronEngine(config, pg)
-    try:
-        rewards = asyncio.run(engine.score(token_batch))
-        assert rewards.dtype == np.float32 and rewards.shape == (len(token_batch), 9)
-        np.testing.assert_allclose(rewards, reference_scorer.score(token_batch), atol=TOL, rtol=0)
-        assert_stages_on_distinct_nodes(engine.describe(), pg.id.hex(), pp)
-    finally:
-        engine.shutdown()
-        remove_placement_group(pg)
+    placements = []
+    rewards = score_with_engine(config, token_batch, inspect=lambda engine: placements.append(
+        (engine.describe(), engine.describe()[0]["placement_group_id"])))
+    assert rewards.dtype == np.float32 and rewards.shape == (len(token_batch), 9)
+    np.testing.assert_allclose(rewards, reference_scorer.score(token_batch), atol=TOL, rtol=0)
+    workers, pg_id = placements[0]
+    assert_stages_on_distinct_nodes(workers, pg_id, pp)
 
 
 @pytest.fixture(scope="module")
