@@ -148,7 +148,9 @@ class AuthConfig(StrictModel):
 
 
 class ServiceConfig(StrictModel):
-    checkpoint_path: str = Field(description="Extracted .nemo directory (model_config.yaml, model_weights/).")
+    checkpoint_path: str = Field(
+        description="A NeMo checkpoint (extracted .nemo directory or packed .nemo file) or an HF model directory."
+    )
     model_name: str = Field(default="reward_model", description="Name reported in responses.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model parallelism.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, dtype, backend.")

@@ -1,37 +1,515 @@
-"""Reads and writes `model_weights/` as a megatron-core distributed checkpoint, with NeMo's `model.` prefix.
+"""Loads (and writes) `model_weights/`: a megatron-core distributed checkpoint in the zarr or torch_dist
+backend, in a directory or inside a packed `.nemo`, with the key prefix `model.` (NeMo 1), `module.`
+(NeMo 2) or none (Megatron-LM).
 
-`dist_checkpointing.load` reshards: every rank describes its own slice through its model's sharded state
-dict and reads only that, so a checkpoint saved at any TP/PP loads at any other. Loading is collective:
-every rank of the world must call `load_weights` together.
+Every rank describes its own slice through its model's sharded state dict (Transformer-Engine key names,
+decoder layers stacked on a leading layer axis) and reads only that, straight into the model's parameters:
+a checkpoint saved at any TP/PP loads at any other. Loading is collective: every rank of the world calls
+`load_weights` together.
+
+* zarr (the released Nemotron-4-340B-Reward): megatron-core 0.16 no longer reads it, so
+  `ZarrLoadShardedStrategy` does: it intersects each requested slice with the array's chunk grid and
+  copies the overlapping parts out of memory-mapped chunk files (bfloat16 chunks are read as 16-bit
+  integers and reinterpreted), so a rank touches only the bytes of its slice.
+* torch_dist: megatron-core's own strategy; inside a packed `.nemo` its files are read through a
+  torch.distributed.checkpoint reader over the archive's byte ranges.
+
+`_extra_state` entries are never requested (TE's stored objects do not unpickle under weights-only loading
+and a reward forward needs none), `common.pt` is not read (nothing in it is needed), and the LM
+`output_layer` is never read because the reward model does not build one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge, nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    CheckpointingException,
+    ShardedObject,
+    ShardedTensor,
+    apply_factory_merges,
+)
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+from megatron.core.dist_checkpointing.strategies.base import LoadShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.dist_checkpointing.validation import (
+    StrictHandling,
+    determine_global_metadata,
+    validate_integrity_and_strict_load,
+)
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from sharding.checkpoint_files import CheckpointFiles, DirectoryFiles, open_files
+from sharding.nemo_archive import (
+    METADATA_FILE,
+    TORCH_DIST_METADATA,
+    CheckpointFormatError,
+    WeightsFormat,
+    read_weights_format,
+)
+from sharding.zarr_format import ZarrArrayMeta, chunk_overlaps, list_arrays, open_chunk, read_meta
 
 NEMO_KEY_PREFIX = "model."
+COMMON_FILE = "common.pt"
+EXTRA_STATE = "_extra_state"
+NUMPY_TO_NAME = {"float32": "float32", "float16": "float16", "float64": "float64", "int64": "int64",
+                 "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool"}
 
 
-def _sharded_state_dict(model: torch.nn.Module) -> dict:
-    sd = model.sharded_state_dict(prefix=NEMO_KEY_PREFIX)
+def sharded_state_dict(model: torch.nn.Module, prefix: str = NEMO_KEY_PREFIX) -> dict:
+    """The model's sharded state dict under `prefix`, without `_extra_state` entries."""
+    sd = model.sharded_state_dict(prefix=prefix)
     # Transformer-Engine extra state: local layers ask for entries old checkpoints lack, and TE's stored
     # objects fail to unpickle under weights-only loading. A reward forward needs none of it.
-    return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    return {k: v for k, v in sd.items() if not k.endswith(EXTRA_STATE)}
 
 
-def save_weights(model: torch.nn.Module, weights_dir: Path) -> None:
+def save_weights(model: torch.nn.Module, weights_dir: Path, prefix: str = NEMO_KEY_PREFIX) -> None:
+    """torch_dist, as megatron-core writes it today. Collective."""
     weights_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(model), str(weights_dir))
+    dist_checkpointing.save(sharded_state_dict(model, prefix), str(weights_dir))
 
 
-def load_weights(model: torch.nn.Module, weights_dir: Path) -> None:
-    sharded = _sharded_state_dict(model)
-    loaded = dist_checkpointing.load(sharded, str(weights_dir))
-    state = {k[len(NEMO_KEY_PREFIX):]: v for k, v in loaded.items()}
+# --------------------------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor: global shape (stacked layer axis included), dtype name, the distinct chunk
+    shapes it is stored in, and its size."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+def _zarr_dtype_name(meta: ZarrArrayMeta) -> str:
+    return "bfloat16" if meta.is_bfloat16 else NUMPY_TO_NAME.get(meta.storage_dtype.name, meta.storage_dtype.name)
+
+
+def tensor_infos(files: CheckpointFiles, fmt: WeightsFormat | None = None) -> dict[str, TensorInfo]:
+    """Every tensor the checkpoint stores (prefix included), from the backend's own metadata."""
+    fmt = fmt or read_weights_format(files)
+    out: dict[str, TensorInfo] = {}
+    if fmt.backend == "zarr":
+        for key in list_arrays(files):
+            meta = read_meta(files, key)
+            out[key] = TensorInfo(key, meta.shape, _zarr_dtype_name(meta), (meta.chunks,))
+    else:
+        metadata = ArchiveFileSystemReader(files).read_metadata()
+        for key, md in sorted(metadata.state_dict_metadata.items()):
+            if isinstance(md, TensorStorageMetadata):
+                chunks = tuple(sorted({tuple(c.sizes) for c in md.chunks}))
+                out[key] = TensorInfo(key, tuple(md.size), str(md.properties.dtype).removeprefix("torch."), chunks)
+    return out
+
+
+# ------------------------------------------------------------------------------------- zarr strategy
+
+
+@dataclass
+class ReadStats:
+    """What a zarr load touched: per key, the bytes copied out of chunk files and the chunk files opened."""
+
+    bytes_by_key: dict[str, int] = field(default_factory=dict)
+    chunks_opened: int = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(self.bytes_by_key.values())
+
+
+class ZarrLoadShardedStrategy(LoadShardedStrategy):
+    """Loads ShardedTensors from zarr v2 arrays (megatron-core's removed zarr backend, format version 1).
+
+    Usable as `dist_checkpointing.load(sharded_state_dict, dir, sharded_strategy=ZarrLoadShardedStrategy())`
+    for a directory; `files` lets it read a packed `.nemo` too. Each ShardedTensor's data (the model's
+    parameter when it has one) is filled in place; a ShardedTensor without data gets a new CPU tensor.
+    """
+
+    def __init__(self, files: CheckpointFiles | None = None):
+        super().__init__()
+        self.files = files
+        self.stats = ReadStats()
+        self._metas: dict[str, ZarrArrayMeta] = {}
+
+    def check_backend_compatibility(self, loaded_backend):
+        if loaded_backend != "zarr":
+            raise CheckpointingException(f"ZarrLoadShardedStrategy cannot read backend {loaded_backend!r}")
+
+    def check_version_compatibility(self, loaded_version):
+        if int(loaded_version) != 1:
+            raise CheckpointingException(f"zarr backend version {loaded_version} is not supported (only 1)")
+
+    def _files(self, checkpoint_dir) -> CheckpointFiles:
+        if self.files is None:
+            self.files = open_files(checkpoint_dir)
+        return self.files
+
+    def _meta(self, files: CheckpointFiles, key: str) -> ZarrArrayMeta:
+        if key not in self._metas:
+            self._metas[key] = read_meta(files, key)
+        return self._metas[key]
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        files = self._files(checkpoint_dir)
+
+        def load_one(obj):
+            if isinstance(obj, ShardedObject):
+                raise CheckpointingException(f"{obj.key}: sharded objects are not read from zarr checkpoints")
+            if not isinstance(obj, ShardedTensor):
+                return obj
+            return self._read(files, obj)
+
+        with torch.no_grad():
+            return dict_list_map_inplace(load_one, sharded_state_dict)
+
+    def _read(self, files: CheckpointFiles, sh: ShardedTensor) -> torch.Tensor:
+        if sh.flattened_range is not None:
+            raise CheckpointingException(f"{sh.key}: flattened shards (optimizer state) are not supported")
+        meta = self._meta(files, sh.key)
+        if tuple(meta.shape) != tuple(sh.global_shape):
+            raise CheckpointingException(
+                f"{sh.key}: the checkpoint holds shape {list(meta.shape)}, the model expects {list(sh.global_shape)}"
+            )
+        target = sh.data if sh.data is not None else torch.empty(sh.local_shape, dtype=sh.dtype)
+        view = target
+        for _ in range(sh.prepend_axis_num):
+            view = view.unsqueeze(0)  # the stacked layer axis (and any other prepended axis): size 1 here
+        box = tuple(view.shape)
+        copied = 0
+        for index, src, dst in chunk_overlaps(meta, tuple(sh.global_offset), box):
+            chunk = open_chunk(files, meta, index)
+            self.stats.chunks_opened += 1
+            if chunk is None:
+                if meta.fill_value is None:
+                    raise CheckpointingException(f"{files.location / sh.key}: chunk {meta.chunk_name(index)} is missing")
+                view[dst].fill_(float(meta.fill_value))
+                continue
+            part = chunk[src]
+            if meta.is_bfloat16:
+                piece = torch.from_numpy(part.view(np.int16)).view(torch.bfloat16)
+            else:
+                if not part.dtype.isnative:
+                    part = part.astype(part.dtype.newbyteorder("="))
+                piece = torch.from_numpy(part)
+            view[dst].copy_(piece)  # converts dtype; only the pages of `part` are read from disk
+            copied += part.nbytes
+            del piece, part, chunk  # unmap now: the next chunk must not pile up on this one
+        self.stats.bytes_by_key[sh.key] = self.stats.bytes_by_key.get(sh.key, 0) + copied
+        return target
+
+    def load_tensors_metadata(self, checkpoint_dir):
+        files = self._files(checkpoint_dir)
+        out = {}
+        for key, info in tensor_infos(files).items():
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, torch.empty(info.shape, dtype=getattr(torch, info.dtype), device="meta")
+            ).without_data()
+        return out
+
+
+# ------------------------------------------------------------------ torch_dist inside a packed .nemo
+
+
+class _FilesFileSystem(FileSystemBase):
+    """torch.distributed.checkpoint's file-system interface over CheckpointFiles (read-only)."""
+
+    def __init__(self, files: CheckpointFiles):
+        self.files = files
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
+        if mode not in ("rb", "r"):
+            raise CheckpointFormatError(f"{self.files.location} is read-only here (mode {mode!r})")
+        with self.files.open(str(path)) as stream:
+            yield stream
+
+    def concat_path(self, path, suffix: str):
+        return posixpath.join(str(path), suffix) if str(path) else suffix
+
+    def init_path(self, path):
+        return str(path)
+
+    def rename(self, path, new_path) -> None:
+        raise CheckpointFormatError("read-only")
+
+    def mkdir(self, path) -> None:
+        raise CheckpointFormatError("read-only")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return True
+
+    def exists(self, path) -> bool:
+        return self.files.is_file(str(path)) or self.files.is_dir(str(path))
+
+    def rm_file(self, path) -> None:
+        raise CheckpointFormatError("read-only")
+
+
+class ArchiveFileSystemReader(FileSystemReader):
+    """A FileSystemReader whose files are CheckpointFiles (a directory or byte ranges of a packed .nemo).
+    The metadata is read once and cached, like megatron-core's reader."""
+
+    def __init__(self, files: CheckpointFiles):
+        super().__init__(path="")
+        self.fs = _FilesFileSystem(files)
+        self.path = ""
+        self._cached_metadata: Metadata | None = None
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._cached_metadata is None:
+            self._cached_metadata = super().read_metadata(*args, **kwargs)
+        return self._cached_metadata
+
+
+class ArchiveTorchDistLoadStrategy(TorchDistLoadShardedStrategy):
+    """megatron-core's torch_dist load, reading through ArchiveFileSystemReader."""
+
+    def __init__(self, files: CheckpointFiles):
+        super().__init__()
+        self.files = files
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+        # megatron-core builds its reader with this module-level function; swap it for the call's duration.
+        original = getattr(mcore_torch, "_get_filesystem_reader", None)
+        if original is None:
+            raise RuntimeError("megatron.core.dist_checkpointing.strategies.torch._get_filesystem_reader is gone")
+        reader = ArchiveFileSystemReader(self.files)
+        mcore_torch._get_filesystem_reader = lambda *args, **kwargs: reader
+        try:
+            return super().load(sharded_state_dict, checkpoint_dir)
+        finally:
+            mcore_torch._get_filesystem_reader = original
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadReport:
+    location: str
+    backend: str
+    key_prefix: str
+    tensors: int
+    zarr_stats: ReadStats | None = None
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises if any rank found a problem, before anyone enters a collective that would hang."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    found = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if found:
+        raise CheckpointFormatError("; ".join(found))
+
+
+def _check_against_checkpoint(sharded: dict, infos: dict[str, TensorInfo], fmt: WeightsFormat, where) -> str | None:
+    problems = []
+    seen: set[str] = set()
+    for sh in nested_values(sharded):
+        if not isinstance(sh, ShardedTensor) or sh.key in seen:
+            continue
+        seen.add(sh.key)
+        info = infos.get(sh.key)
+        if info is None:
+            problems.append(f"missing {sh.key}")
+        elif tuple(info.shape) != tuple(sh.global_shape):
+            problems.append(f"{sh.key} has shape {list(info.shape)}, the model expects {list(sh.global_shape)}")
+    if not problems:
+        return None
+    return (f"checkpoint {where} ({fmt.backend}, key prefix {fmt.key_prefix or '(none)'!r}) does not fit the model: "
+            + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+
+def _needed_infos(files: CheckpointFiles, fmt: WeightsFormat, sharded: dict) -> dict[str, TensorInfo]:
+    if fmt.backend == "torch_dist":
+        return tensor_infos(files, fmt)
+    out = {}
+    for sh in nested_values(sharded):  # zarr: read only the .zarray files this rank needs
+        if isinstance(sh, ShardedTensor) and sh.key not in out and fmt.has(sh.key[len(fmt.key_prefix):]):
+            meta = read_meta(files, sh.key)
+            out[sh.key] = TensorInfo(sh.key, meta.shape, _zarr_dtype_name(meta), (meta.chunks,))
+    return out
+
+
+def load_sharded(sharded: dict, strategy: LoadShardedStrategy, files: CheckpointFiles) -> dict:
+    """`dist_checkpointing.load` without its directory checks and without `common.pt`: factories,
+    sharding-integrity validation (collective), then the strategy. Works for packed checkpoints."""
+    sharded, nonpersistent, factories = load_preprocess(sharded)
+    sharded, _ = extract_sharded_base(sharded)
+    local_md, global_md = determine_global_metadata(sharded)
+    sharded, _, _ = validate_integrity_and_strict_load(
+        sharded, StrictHandling.ASSUME_OK_UNEXPECTED, True, local_md, global_md, None
+    )
+    loaded = strategy.load(sharded, files.location)
+    merge(loaded, nonpersistent)
+    return apply_factory_merges(loaded, factories)
+
+
+def load_weights(model: torch.nn.Module, weights_dir: str | Path) -> LoadReport:
+    """Fills `model` (this rank's stage and TP slice) from the distributed checkpoint at `weights_dir`,
+    which may be a folder inside a packed `.nemo` (`/x/model.nemo/model_weights`). Collective."""
+    files = open_files(weights_dir)
+    fmt = read_weights_format(files)
+    sharded = sharded_state_dict(model, prefix=fmt.key_prefix)
+    try:
+        problem = _check_against_checkpoint(sharded, _needed_infos(files, fmt, sharded), fmt, files.location)
+    except (CheckpointFormatError, ValueError, OSError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    _agree(problem)
+
+    stats = None
+    if fmt.backend == "zarr":
+        strategy: LoadShardedStrategy = ZarrLoadShardedStrategy(files)
+        stats = strategy.stats
+    elif isinstance(files, DirectoryFiles):
+        strategy = TorchDistLoadShardedStrategy()
+    else:
+        strategy = ArchiveTorchDistLoadStrategy(files)
+    loaded = load_sharded(sharded, strategy, files)
+
+    prefix = fmt.key_prefix
+    state = {k[len(prefix):]: v for k, v in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith(EXTRA_STATE)]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {weights_dir} did not fill the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"checkpoint {files.location} did not fill the model: missing {missing}, unexpected {unexpected}")
+    return LoadReport(str(files.location), fmt.backend, prefix, len(state), stats)
+
+
+# ------------------------------------------------------------------------------ zarr -> torch_dist
+
+
+def _zarr_chunk_tensor(files: CheckpointFiles, meta: ZarrArrayMeta, index: tuple[int, ...]) -> torch.Tensor:
+    """One chunk, cropped to the array's bounds, as a new tensor of its own (torch.save writes its storage)."""
+    sizes = tuple(min(c, s - i * c) for i, c, s in zip(index, meta.chunks, meta.shape))
+    crop = tuple(slice(0, n) for n in sizes)
+    chunk = open_chunk(files, meta, index)
+    if chunk is None:
+        if meta.fill_value is None:
+            raise CheckpointFormatError(f"{files.location / meta.key}: chunk {meta.chunk_name(index)} is missing")
+        dtype = torch.bfloat16 if meta.is_bfloat16 else torch.from_numpy(np.empty(0, meta.storage_dtype)).dtype
+        return torch.full(sizes, float(meta.fill_value), dtype=dtype)
+    arr = np.ascontiguousarray(chunk[crop])
+    del chunk
+    if meta.is_bfloat16:
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return torch.from_numpy(arr)
+
+
+def convert_zarr_to_torch_dist(src: CheckpointFiles, out_dir: Path, *, drop_output_layer: bool = False,
+                               progress=None) -> dict:
+    """Writes the zarr checkpoint `src` as torch_dist in `out_dir`, one chunk at a time (memory: one chunk).
+
+    Each zarr chunk becomes one torch.distributed.checkpoint chunk of the same global tensor, so the
+    result keeps the saved TP layout (a TP 8 save stays 8 pieces per tensor, and any rank later reads only
+    the pieces its slice touches). `_extra_state` objects are not carried over (no reader needs them);
+    `common.pt` is copied as is. No process group is needed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    fmt = read_weights_format(src)
+    if fmt.backend != "zarr":
+        raise CheckpointFormatError(f"{src.location} is {fmt.backend}, not zarr")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    items: list[WriteItem] = []
+    sources: dict[tuple[str, tuple[int, ...]], tuple[ZarrArrayMeta, tuple[int, ...]]] = {}
+    skipped = []
+    for key in sorted(fmt.keys):
+        if drop_output_layer and key == f"{fmt.key_prefix}output_layer.weight":
+            skipped.append(key)
+            continue
+        meta = read_meta(src, key)
+        dtype = torch.bfloat16 if meta.is_bfloat16 else torch.from_numpy(
+            np.empty(0, meta.storage_dtype.newbyteorder("="))).dtype
+        for index in itertools.product(*(range(g) for g in meta.grid)):
+            offsets = tuple(i * c for i, c in zip(index, meta.chunks))
+            sizes = tuple(min(c, s - o) for c, s, o in zip(meta.chunks, meta.shape, offsets))
+            items.append(WriteItem(
+                index=MetadataIndex(key, torch.Size(offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                    properties=TensorProperties(dtype=dtype),
+                    size=torch.Size(meta.shape),
+                ),
+            ))
+            sources[(key, offsets)] = (meta, index)
+
+    class StreamingPlanner(DefaultSavePlanner):
+        def __init__(self):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.done = 0
+
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem):
+            meta, index = sources[(write_item.index.fqn, tuple(write_item.index.offset))]
+            self.done += 1
+            if progress is not None:
+                progress(self.done, len(items), write_item.index.fqn)
+            return _zarr_chunk_tensor(src, meta, index)
+
+    writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, sync_files=False)
+    dcp.save({}, storage_writer=writer, planner=StreamingPlanner(), no_dist=True)
+    (out_dir / METADATA_FILE).write_text(json.dumps(
+        {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+         "common_backend": "torch", "common_backend_version": 1}))
+    if src.is_file(COMMON_FILE):
+        (out_dir / COMMON_FILE).write_bytes(src.read_bytes(COMMON_FILE))
+    else:
+        torch.save({}, out_dir / COMMON_FILE)
+    return {"tensors": len(fmt.keys) - len(skipped), "chunks": len(items), "skipped": skipped,
+            "key_prefix": fmt.key_prefix}
+
+
+__all__ = [
+    "ArchiveFileSystemReader", "ArchiveTorchDistLoadStrategy", "LoadReport", "ReadStats", "TensorInfo",
+    "TORCH_DIST_METADATA", "ZarrLoadShardedStrategy", "convert_zarr_to_torch_dist", "load_sharded",
+    "load_weights", "save_weights", "sharded_state_dict", "tensor_infos",
+]

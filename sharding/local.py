@@ -25,8 +25,12 @@ class LocalScorer:
         self.arch = checkpoint.arch
         init_model_parallel(self.runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                             tp=1, pp=1)
-        self.model = build_stage_model(self.arch, self.runtime, tp=1, pp=1, pp_rank=0)
-        load_checkpoint_into(checkpoint, self.model)
+        try:
+            self.model = build_stage_model(self.arch, self.runtime, tp=1, pp=1, pp_rank=0)
+            load_checkpoint_into(checkpoint, self.model)
+        except BaseException:
+            destroy_model_parallel()
+            raise
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
 
     def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:

@@ -1,9 +1,24 @@
-"""Reads an extracted `.nemo` directory: `model_config.yaml`, the tokenizer it references as
-`nemo:<file>`, and where `model_weights/` is. No torch here: the router uses it to find the tokenizer."""
+"""Reads a NeMo checkpoint: an extracted `.nemo` directory or a packed `.nemo` (an uncompressed tar of it).
+
+    model_config.yaml                     -> the model config (`arch`)
+    <32 hex>_<tokenizer>.model            -> referenced from the yaml as `nemo:<file>` (`tokenizer_path`)
+    model_weights/                        -> megatron-core distributed checkpoint, zarr or torch_dist
+                                             (`weights_dir`, `weights_files`, `weights_format`)
+
+A packed `.nemo` is never extracted: the yaml and the weights' metadata are read from the archive, the
+weight chunks are memory-mapped out of it by the loaders (`sharding.checkpoint_files`), and only the small
+tokenizer file is copied to a cache folder, because SentencePiece wants a path.
+
+No torch here: the router uses this module for the tokenizer and the architecture.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import pickletools
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -12,58 +27,197 @@ import sentencepiece as spm
 import yaml
 
 from configs.model import ModelArchConfig
+from sharding.checkpoint_files import CheckpointFiles, DirectoryFiles, TarFiles
+from sharding.zarr_format import list_arrays
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
+WEIGHTS_DIRS = (WEIGHTS_DIR, "weights")  # NeMo 1 .nemo; NeMo 2 keeps its distributed checkpoint in weights/
 NEMO_PREFIX = "nemo:"
+METADATA_FILE = "metadata.json"  # megatron-core: which backend wrote the distributed checkpoint
+TORCH_DIST_METADATA = ".metadata"  # torch.distributed.checkpoint's pickled index
+BACKENDS = ("zarr", "torch_dist")
+# NeMo 1 (`model.`), NeMo 2 (`module.`), Megatron-LM (no prefix). Tried in this order.
+KEY_PREFIXES = ("model.", "module.", "")
+CACHE_ENV = "REWARD_SERVE_CACHE_DIR"
 
 
 class CheckpointFormatError(ValueError):
-    """The checkpoint directory is missing something or holds something unreadable."""
+    """The checkpoint is missing something or holds something unreadable."""
+
+
+@dataclass(frozen=True)
+class WeightsFormat:
+    """What `model_weights/` holds: backend, key prefix and the tensor keys (with the prefix)."""
+
+    backend: str  # "zarr" or "torch_dist"
+    version: int
+    key_prefix: str
+    keys: frozenset[str] = field(repr=False)
+
+    def has(self, key: str) -> bool:
+        """Whether the checkpoint holds tensor `key` (prefix excluded)."""
+        return f"{self.key_prefix}{key}" in self.keys
+
+
+def read_weights_format(files: CheckpointFiles) -> WeightsFormat:
+    """Backend from `metadata.json`, keys from the backend's own index, prefix from the keys."""
+    if not files.is_file(METADATA_FILE):
+        raise CheckpointFormatError(
+            f"{files.location} has no {METADATA_FILE}: not a megatron-core distributed checkpoint"
+        )
+    try:
+        meta = json.loads(files.read_bytes(METADATA_FILE))
+        backend, version = str(meta["sharded_backend"]), int(meta.get("sharded_backend_version", 1))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(f"{files.location / METADATA_FILE} is unreadable: {e!r}") from None
+    if backend == "zarr":
+        keys = frozenset(list_arrays(files))
+    elif backend == "torch_dist":
+        if not files.is_file(TORCH_DIST_METADATA):
+            raise CheckpointFormatError(f"{files.location} is torch_dist but has no {TORCH_DIST_METADATA}")
+        keys = frozenset(_pickle_strings(files.read_bytes(TORCH_DIST_METADATA)))
+    else:
+        raise CheckpointFormatError(
+            f"{files.location}: sharded_backend {backend!r} is not supported (supported: {', '.join(BACKENDS)})"
+        )
+    return WeightsFormat(backend, version, detect_key_prefix(keys, files.location), keys)
+
+
+def detect_key_prefix(keys: frozenset[str] | set[str], where: Any = "checkpoint") -> str:
+    for prefix in KEY_PREFIXES:
+        if any(k.startswith(f"{prefix}decoder.") or k == f"{prefix}embedding.word_embeddings.weight" for k in keys):
+            return prefix
+    sample = sorted(k for k in keys if "." in k)[:5]
+    raise CheckpointFormatError(
+        f"{where}: no GPT decoder keys under any of the prefixes {[p or '(none)' for p in KEY_PREFIXES]} "
+        f"(first keys: {sample})"
+    )
+
+
+def _pickle_strings(data: bytes) -> set[str]:
+    """Every string constant of a pickle, read without unpickling it (no torch, nothing executed): the
+    tensor keys of a torch.distributed.checkpoint `.metadata` are among them."""
+    out: set[str] = set()
+    try:
+        for _, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                out.add(arg)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a pickle we can read
+        raise CheckpointFormatError(f"{TORCH_DIST_METADATA} is not a readable pickle: {e!r}") from None
+    return out
+
+
+def _cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "reward-serve"
 
 
 @dataclass(frozen=True)
 class NemoCheckpoint:
-    path: Path
+    path: Path  # the extracted directory or the packed .nemo file
+    files: CheckpointFiles = field(compare=False, repr=False)
 
     @classmethod
     def open(cls, path: str | Path) -> NemoCheckpoint:
         root = Path(path).expanduser().resolve()
-        if not (root / CONFIG_FILE).is_file():
-            raise CheckpointFormatError(f"{root} has no {CONFIG_FILE}; expected an extracted .nemo directory")
-        return cls(root)
+        if root.is_dir():
+            files: CheckpointFiles = DirectoryFiles(root)
+        elif root.is_file():
+            files = TarFiles.open_tar(root)
+        else:
+            raise CheckpointFormatError(f"{root} does not exist; expected an extracted .nemo directory or a .nemo file")
+        if not files.is_file(CONFIG_FILE):
+            raise CheckpointFormatError(
+                f"{root} has no {CONFIG_FILE}; expected an extracted .nemo directory or a packed .nemo"
+            )
+        return cls(root, files)
+
+    @property
+    def packed(self) -> bool:
+        return self.files.packed
 
     @cached_property
     def raw_config(self) -> dict[str, Any]:
-        with open(self.path / CONFIG_FILE) as f:
-            cfg = yaml.safe_load(f)
+        cfg = yaml.safe_load(self.files.read_bytes(CONFIG_FILE))
         if not isinstance(cfg, dict):
-            raise CheckpointFormatError(f"{self.path / CONFIG_FILE} is not a mapping")
+            raise CheckpointFormatError(f"{self.path}: {CONFIG_FILE} is not a mapping")
         return cfg
+
+    def _member_for(self, ref: str) -> str:
+        name = ref[len(NEMO_PREFIX):]
+        if self.files.is_file(name):
+            return name
+        # NeMo stores members as "<32 hex>_<name>" and may reference either form.
+        matches = [m for m in self.files.listdir() if m.endswith(f"_{name}") and self.files.is_file(m)]
+        if len(matches) == 1:
+            return matches[0]
+        raise CheckpointFormatError(f"tokenizer {ref} not found in {self.path}")
 
     @cached_property
     def tokenizer_path(self) -> Path:
         ref = str(self.raw_config["tokenizer"]["model"])
-        if ref.startswith(NEMO_PREFIX):
-            name = ref[len(NEMO_PREFIX):]
-            exact = self.path / name
-            if exact.is_file():
-                return exact
-            # NeMo stores members as "<32 hex>_<name>" and may reference either form.
-            matches = sorted(self.path.glob(f"*_{name}"))
-            if len(matches) == 1:
-                return matches[0]
-            raise CheckpointFormatError(f"tokenizer {ref} not found in {self.path}")
-        path = Path(ref)
-        if not path.is_file():
-            raise CheckpointFormatError(f"tokenizer file {ref} does not exist")
-        return path
+        if not ref.startswith(NEMO_PREFIX):
+            path = Path(ref)
+            if not path.is_file():
+                raise CheckpointFormatError(f"tokenizer file {ref} does not exist")
+            return path
+        member = self._member_for(ref)
+        if isinstance(self.files, DirectoryFiles):
+            return self.files.root / member
+        return self._cached_member(member)
+
+    def _cached_member(self, member: str) -> Path:
+        """Copies one small member of the packed .nemo to the cache (once per archive version)."""
+        st = self.path.stat()
+        digest = hashlib.sha256(f"{self.path}|{st.st_size}|{st.st_mtime_ns}|{member}".encode()).hexdigest()[:20]
+        dest = _cache_root() / "nemo-members" / digest / Path(member).name
+        size = self.files.byte_range(member).size
+        if dest.is_file() and dest.stat().st_size == size:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(self.files.read_bytes(member))
+        os.replace(tmp, dest)  # atomic: the router and the engine may open the archive at the same time
+        return dest
+
+    @cached_property
+    def weights_dir_name(self) -> str:
+        for name in WEIGHTS_DIRS:
+            if self.files.is_dir(name):
+                return name
+        raise CheckpointFormatError(f"{self.path} has no {' or '.join(d + '/' for d in WEIGHTS_DIRS)}")
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where the weights are. For a packed .nemo this is `<file>/model_weights`, a path inside the archive
+        that `sharding.checkpoint_files.open_files` (and so `sharding.checkpoint.load_weights`) resolves."""
+        try:
+            name = self.weights_dir_name
+        except CheckpointFormatError:
+            name = WEIGHTS_DIR
+        return self.path / name
+
+    @cached_property
+    def weights_files(self) -> CheckpointFiles:
+        return self.files.subdir(self.weights_dir_name)
+
+    @cached_property
+    def weights_format(self) -> WeightsFormat:
+        return read_weights_format(self.weights_files)
 
     @cached_property
     def arch(self) -> ModelArchConfig:
         tokenizer = spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
-        return ModelArchConfig.from_nemo_dict(self.raw_config, vocab_size=tokenizer.get_piece_size())
-
-    @property
-    def weights_dir(self) -> Path:
-        return self.path / WEIGHTS_DIR
+        arch = ModelArchConfig.from_nemo_dict(self.raw_config, vocab_size=tokenizer.get_piece_size())
+        # The head is built with a bias exactly when the checkpoint holds one (the yaml does not say).
+        try:
+            fmt = self.weights_format
+        except CheckpointFormatError:
+            return arch  # no readable weights: loading will say so; the yaml's view stands meanwhile
+        has_bias = fmt.has("rm_head.bias")
+        if has_bias != arch.rm_head_bias:
+            arch = arch.model_copy(update={"rm_head_bias": has_bias})
+        return arch
