@@ -228,7 +228,7 @@ def format_inspection(r: dict) -> str:
 
 def convert(path: str | Path, out: str | Path, *, drop_output_layer: bool = False, quiet: bool = False) -> dict:
     """zarr -> torch_dist. For a .nemo checkpoint, OUT is an extracted .nemo directory."""
-    from sharding.checkpoint import convert_zarr_to_torch_dist
+    from sharding.checkpoint_convert import convert_zarr_to_torch_dist
 
     path, out = Path(path).expanduser().resolve(), Path(out).expanduser().resolve()
     checkpoint, weights = _locate(path)

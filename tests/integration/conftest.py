@@ -101,9 +101,10 @@ def http(demo_app) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference_scorer(demo_checkpoint):
-    """The same checkpoint, forwarded in this process at one rank (no Ray, no Serve)."""
+    """The same checkpoint, forwarded in this process at one rank (no Ray, no Serve). Module-scoped: it holds
+    this process's one torch.distributed group, which other modules' in-process models need in turn."""
     from sharding.local import LocalScorer
 
     scorer = LocalScorer(str(demo_checkpoint))
