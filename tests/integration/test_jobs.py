@@ -112,7 +112,7 @@ def test_annotate_round_follows_the_reference_rule(raw_run, rounded_run):
     raw = [labels_of(json.loads(line)) for line in raw_run[0].read_text().splitlines()]
     values = np.array([v for labels in raw for label in labels if label for v in label.values()])
     # The byte comparisons need every raw value clear of a rounding boundary (0.5, 1.5, 2.5, 3.5) by much
-    # more than the model's batch-composition noise (~3e-6 in float32); the fixture data is so.
+    # more than float32 noise between a padded batch and a lone sequence (~3e-6); the fixture data is so.
     inside = values[(values > 0) & (values < 4)]
     assert inside.size > 100 and np.abs(inside - np.floor(inside) - 0.5).min() > 2e-5
     rounded = [json.loads(line) for line in rounded_run.read_text().splitlines()]
@@ -147,22 +147,13 @@ def test_annotate_killed_and_resumed_equals_an_uninterrupted_run(demo_app, steer
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming after input line" in done.stderr
     assert out.read_bytes() == rounded_run.read_bytes()
-    # Raw floats: everything but the label values is byte for byte the same, the values equal to float32
-    # noise (the service's sums depend on which prompts share a batch, ~3e-6).
+    # Raw floats too: with micro_batch_size 1 (the CPU demo config) a prompt's scores do not depend on which
+    # prompts share its batch, so the resumed file is byte for byte the uninterrupted one.
     out = steerlm_file.with_name("resumed_raw.jsonl")
     args = ["annotate", "--input", str(steerlm_file), "--output", str(out), "--url", demo_app]
     kill_midway([*args, "--concurrency", "2"], out)
     assert run_job(*args, "--concurrency", "16").returncode == 0
-    resumed, full = out.read_text().splitlines(), raw_run[0].read_text().splitlines()
-    assert len(resumed) == len(full)
-    for a, b in zip(map(json.loads, resumed), map(json.loads, full)):
-        for la, lb in zip(labels_of(a), labels_of(b)):
-            assert (la is None) == (lb is None)
-            if la is not None:
-                np.testing.assert_allclose(list(la.values()), list(lb.values()), atol=TOL, rtol=0)
-        for turn in a["conversations"] + b["conversations"]:
-            turn["label"] = turn["label"] is not None
-        assert json.dumps(a) == json.dumps(b)
+    assert out.read_bytes() == raw_run[0].read_bytes()
 
 
 def test_annotate_refuses_output_from_another_input(demo_app, steerlm_file, tmp_path):
