@@ -13,7 +13,7 @@ What runs is the project's own code, not a re-implementation:
   * `sharding.process_group.init_model_parallel` (world size 1, TP 1, PP 1),
   * `sharding.model.build_stage_model` (megatron-core GPTModel, local spec with
     `SDPACoreAttention` and the project norm, no LM output layer, float32 `rm_head` at the last real token),
-  * `sharding.engine.make_micro_batches` (length-sorted, right-padded micro-batches of 16),
+  * `sharding.micro_batches.make_micro_batches` (length-sorted, right-padded micro-batches of 16),
   * the forward loop of `sharding.worker.ModelWorker.forward` for a single (first = last) stage: per
     micro-batch host->device copy of the tokens and lengths, `model(ids, lengths)`, rewards back to host.
 No checkpoint is read: parameters are drawn in place (normal, std 0.02; norms zero-centred at 0) since
@@ -72,35 +72,6 @@ def lengths_for(nseq: int, lo: int, hi: int, seed: int) -> list[int]:
     return torch.randint(lo, hi + 1, (nseq,), generator=g).tolist()
 
 
-def import_make_micro_batches():
-    """`sharding.engine.make_micro_batches`, the engine's own batching. `sharding.engine` imports Ray at
-    module level (for the actors this benchmark does not use); where Ray is not installed (the GPU
-    machine's image has none, and its wheel is too big to carry there) empty stand-in modules are
-    registered for just that import, and the function is used unchanged."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        import types
-
-        print("note: ray is not installed; registering stand-in `ray` modules to import "
-              "sharding.engine.make_micro_batches (no Ray code runs here)", flush=True)
-        ray_mod = types.ModuleType("ray")
-        ray_mod.remote = lambda obj=None, **_: obj if obj is not None else (lambda o: o)
-        util = types.ModuleType("ray.util")
-        pg = types.ModuleType("ray.util.placement_group")
-        pg.PlacementGroup = object
-        strategies = types.ModuleType("ray.util.scheduling_strategies")
-        strategies.PlacementGroupSchedulingStrategy = object
-        ray_mod.util = util
-        util.placement_group = pg
-        util.scheduling_strategies = strategies
-        sys.modules.update({"ray": ray_mod, "ray.util": util, "ray.util.placement_group": pg,
-                            "ray.util.scheduling_strategies": strategies})
-    from sharding.engine import make_micro_batches
-
-    return make_micro_batches
-
-
 def model_flops(shape: dict[str, int], lengths: list[int]) -> float:
     """hf_baseline.py's formula: 2 FLOPs per multiply-add over the QKV/output projections and the
     (non-gated, 2-matrix) MLP per token, plus causal attention 2*L*h*n^2 per sequence (QK^T and AV at
@@ -123,10 +94,10 @@ def main() -> None:
 
     from configs.model import ModelArchConfig, TokenizerRef
     from configs.service import RuntimeConfig
+    from sharding.micro_batches import make_micro_batches
     from sharding.model import DTYPES, build_stage_model
     from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
-    make_micro_batches = import_make_micro_batches()
     shape = TINY if args.tiny else NEMOTRON_15B_LIKE
     lo = args.min_len if args.min_len is not None else (16 if args.tiny else 256)
     hi = args.max_len if args.max_len is not None else (128 if args.tiny else 2048)

@@ -59,6 +59,7 @@ import yaml  # noqa: E402
 from configs.service import ServiceConfig  # noqa: E402
 from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # noqa: E402
 from deployments.schemas import Message  # noqa: E402
+from sharding.micro_batches import padded_tokens  # noqa: E402
 from sharding.nemo_archive import NemoCheckpoint  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
@@ -175,13 +176,6 @@ def budget_batches(token_lists: list[list[int]], budget: int) -> list[list[list[
     if current:
         batches.append(current)
     return batches
-
-
-def padded_tokens(batch: list[list[int]], micro_batch_size: int) -> int:
-    """Tokens the model computes for a batch after the engine's length sort and per-micro-batch padding."""
-    lengths = sorted((len(t) for t in batch), reverse=True)
-    return sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
-               for i in range(0, len(lengths), micro_batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -554,7 +548,7 @@ def main() -> None:
     ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=4, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     batches = budget_batches(token_lists, config.router.max_tokens_per_batch)
-    padded = sum(padded_tokens(b, config.parallel.micro_batch_size) for b in batches)
+    padded = sum(padded_tokens([len(t) for t in b], config.parallel.micro_batch_size) for b in batches)
     engine_passes: list[dict[str, Any]] = []
     service: list[dict[str, Any]] = []
     handle = None
@@ -622,7 +616,7 @@ def main() -> None:
             chunks = [token_lists[i:i + k] for i in range(0, len(token_lists), k)]
             r = bench.run(chunks, profile=True)
             small_batches = {"conversations_per_batch": k, **r,
-                             "padded_tokens": sum(padded_tokens(b, config.parallel.micro_batch_size) for b in chunks),
+                             "padded_tokens": sum(padded_tokens([len(t) for t in b], config.parallel.micro_batch_size) for b in chunks),
                              "vs_budget_batches": round(r["tokens_per_s"] / engine_passes[-1]["tokens_per_s"], 3)}
             print(f"engine on the service's batch shape ({k} conversations a batch, as at c={c}): "
                   f"{json.dumps(small_batches)}", flush=True)

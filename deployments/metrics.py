@@ -8,10 +8,9 @@
 * `reward_batch_latency_seconds`: wall time of one model call, seen from the router.
 * `reward_batches_in_flight`: model batches sent and not yet answered.
 
-Padding is computed here from the batch's lengths with the engine's layout (`sharding.engine`: sort by
-length, cut into `parallel.micro_batch_size` sequences, pad each micro-batch to its longest), so it is exact
-for that layout without the engine reporting it; a change of layout there must be mirrored in
-`padded_tokens`.
+Padding is computed here from the batch's lengths with the engine's own layout function
+(`sharding.micro_batches.padded_tokens`: sort by length, cut into `parallel.micro_batch_size` sequences, pad
+each micro-batch to its longest), so it is exact without the engine reporting it.
 """
 
 from __future__ import annotations
@@ -20,16 +19,11 @@ from collections.abc import Sequence
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from sharding.micro_batches import padded_tokens
+
 TOKEN_BOUNDARIES = [64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0]
 SHARE_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-
-
-def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
-    """Tokens the engine computes for one batch: length-sorted micro-batches, each padded to its longest."""
-    ordered = sorted(lengths, reverse=True)
-    return sum(ordered[start] * len(ordered[start:start + micro_batch_size])
-               for start in range(0, len(ordered), micro_batch_size))
 
 
 def padding_share(lengths: Sequence[int], micro_batch_size: int) -> float:

@@ -21,25 +21,8 @@ from configs.service import ServiceConfig
 from sharding.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import EngineUnavailableError
-from sharding.worker import MicroBatch, ModelWorker
-
-
-def make_micro_batches(token_batch: Sequence[Sequence[int]], micro_batch_size: int,
-                       pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
-    """Length-sorted, right-padded micro-batches and the permutation that produced them."""
-    lengths = np.array([len(t) for t in token_batch], dtype=np.int64)
-    if len(lengths) == 0 or lengths.min() < 1:
-        raise ValueError("every sequence needs at least one token")
-    order = np.argsort(-lengths, kind="stable")
-    micro_batches: list[MicroBatch] = []
-    for start in range(0, len(order), micro_batch_size):
-        idx = order[start:start + micro_batch_size]
-        width = int(lengths[idx].max())
-        tokens = np.full((len(idx), width), pad_id, dtype=np.int64)
-        for row, i in enumerate(idx):
-            tokens[row, : lengths[i]] = token_batch[i]
-        micro_batches.append((tokens, lengths[idx]))
-    return micro_batches, order
+from sharding.micro_batches import make_micro_batches
+from sharding.worker import ModelWorker
 
 
 class MegatronEngine:

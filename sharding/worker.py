@@ -16,8 +16,8 @@ import ray
 
 from configs.model import ModelArchConfig
 from configs.service import ParallelConfig, RuntimeConfig
+from sharding.micro_batches import MicroBatch
 
-MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded), lengths int64 [b]
 
 
 @ray.remote

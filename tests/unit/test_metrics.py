@@ -13,7 +13,7 @@ def test_padded_tokens_by_hand():
 
 
 def test_padded_tokens_is_the_engines_layout():
-    from sharding.engine import make_micro_batches
+    from sharding.micro_batches import make_micro_batches
 
     rng = random.Random(0)
     for _ in range(20):
