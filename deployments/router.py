@@ -168,19 +168,9 @@ class Router:
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
-        arch = checkpoint.arch
-        self._limit_tokens = self._cfg.max_input_tokens(arch)
+        self._cfg.check_against(checkpoint.arch)  # token budget vs limit, names vs head (as build_app)
+        self._limit_tokens = self._cfg.max_input_tokens(checkpoint.arch)
         budget_tokens = self._cfg.router.max_tokens_per_batch
-        if budget_tokens < self._limit_tokens:
-            raise ValueError(
-                f"router.max_tokens_per_batch {budget_tokens} is below the per-conversation limit "
-                f"{self._limit_tokens}"
-            )
-        num_attributes = len(self._cfg.scoring.attribute_names)
-        if num_attributes != arch.num_attributes:
-            raise ValueError(
-                f"scoring.attribute_names has {num_attributes} names; the reward head has {arch.num_attributes}"
-            )
         self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
         self._scoring = scoring_handle
