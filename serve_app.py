@@ -15,10 +15,10 @@ from typing import Any
 from ray.serve import Application
 
 from configs.service import ServiceConfig
-from deployments.model import RewardModelDeployment
+from deployments.reward_model import RewardModelDeployment
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
-from sharding.formats import open_checkpoint, output_names
+from sharding.checkpoints.formats import open_checkpoint, output_names
 from sharding.placement import placement_for
 
 

@@ -113,7 +113,7 @@ def main() -> None:
 
     checkpoint = Path(args.checkpoint).resolve()
     if not (checkpoint / "model_config.yaml").is_file():
-        subprocess.run([sys.executable, "-m", "sharding.demo_model", "--if-missing", "--out", str(checkpoint)],
+        subprocess.run([sys.executable, "-m", "demo", "--if-missing", "--out", str(checkpoint)],
                        cwd=REPO, check=True)
     cfg = yaml.safe_load(LOCAL_YAML.read_text())["applications"][0]["args"]
     cfg["checkpoint_path"] = str(checkpoint)

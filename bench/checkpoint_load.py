@@ -9,7 +9,7 @@ measures, one format at a time (and deletes each when done):
 
   zarr            the released layout, extracted directory
   zarr-tar        the same packed as a .nemo (uncompressed tar), read in place
-  torch_dist      converted by `python -m sharding.checkpoint_tool convert` (keeps the TP 8 chunks)
+  torch_dist      converted by `python -m sharding.checkpoints convert` (keeps the TP 8 chunks)
   torch_dist-tar  that, packed
 
 Each measurement is a fresh gloo world of `--tp` processes on this machine (TP x PP1, CPU), one per rank,
@@ -121,9 +121,9 @@ def measure_rank(rank: int, tp: int, path: str, dtype: str) -> dict:
     import torch.distributed as dist
 
     from configs.service import RuntimeConfig
-    from sharding.checkpoint import load_weights
+    from sharding.checkpoints.nemo_weights import load_weights
     from sharding.model import build_stage_model
-    from sharding.nemo_archive import NemoCheckpoint
+    from sharding.checkpoints.nemo import NemoCheckpoint
 
     proc = psutil.Process()
     checkpoint = NemoCheckpoint.open(path)
@@ -148,7 +148,7 @@ def measure_rank(rank: int, tp: int, path: str, dtype: str) -> dict:
         checksum = float(sum(p.double().sum().item() for p in model.parameters()))
     read = None
     if report.zarr_stats is not None:
-        from sharding.checkpoint import tensor_infos
+        from sharding.checkpoints.nemo_weights import tensor_infos
 
         infos = tensor_infos(checkpoint.weights_files)
         read = {k: round(v / infos[k].nbytes, 4) for k, v in report.zarr_stats.bytes_by_key.items()}
@@ -180,7 +180,7 @@ def run_format(name: str, path: Path, tp: int, dtype: str) -> dict:
     worst = max(r["ratio"] for r in ranks)
     split_fraction = None
     if ranks[0]["fraction_of_each_tensor_read"] is not None:
-        from sharding.checkpoint_tool import TP_SPLIT_AXIS
+        from sharding.checkpoints.cli import TP_SPLIT_AXIS
 
         split = [f for r in ranks for k, f in r["fraction_of_each_tensor_read"].items()
                  if TP_SPLIT_AXIS.get(k.removeprefix("model.")) is not None]
@@ -232,7 +232,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from sharding.checkpoint_tool import convert, inspect_checkpoint
+    from sharding.checkpoints.cli import convert, inspect_checkpoint
 
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

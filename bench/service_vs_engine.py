@@ -60,7 +60,7 @@ from configs.service import ServiceConfig  # noqa: E402
 from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # noqa: E402
 from deployments.schemas import Message  # noqa: E402
 from sharding.micro_batches import padded_tokens  # noqa: E402
-from sharding.nemo_archive import NemoCheckpoint  # noqa: E402
+from sharding.checkpoints.nemo import NemoCheckpoint  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
 CORPUS = REPO / "sharding" / "demo_corpus.txt"
@@ -100,7 +100,7 @@ def ensure_demo_model(path: Path) -> None:
     if (path / "model_config.yaml").is_file() and (path / "model_weights").is_dir():
         return
     print(f"writing the demo model to {path} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "sharding.demo_model", "--if-missing", "--out", str(path)],
+    subprocess.run([sys.executable, "-m", "demo", "--if-missing", "--out", str(path)],
                    cwd=REPO, check=True)
 
 

@@ -26,7 +26,7 @@ def _raise_exception(message: str) -> None:
 
 
 class ChatTemplatePrompt:
-    """Renders and tokenizes conversations for an HF checkpoint (`sharding.hf_format.HFCheckpoint`)."""
+    """Renders and tokenizes conversations for an HF checkpoint (`sharding.checkpoints.hf.HFCheckpoint`)."""
 
     def __init__(self, tokenizer_path: str, template: str, special_tokens: dict[str, str | None]):
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))

@@ -117,3 +117,19 @@ def unwrap_service_error(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, ServiceError):
         return exc
     return None
+
+
+def unavailable_error_from(exc: BaseException) -> ServiceUnavailableError | None:
+    """Ray's and the engine's ways of saying "the model or a replica is gone or full", as the retryable 503
+    a client should see; None for anything else. Ray is imported here, not at module level, so HTTP clients
+    (`jobs`) import this module without Ray or Serve."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from sharding.protocol import EngineUnavailableError
+
+    if not isinstance(exc, (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)):
+        return None
+    cause = getattr(exc, "cause", None) or exc
+    message = getattr(cause, "message", None) or str(cause).strip().splitlines()[-1]
+    return ServiceUnavailableError(f"the model is unavailable, retry later: {message}")

@@ -1,4 +1,4 @@
-"""The KServe v2 / Triton HTTP protocol of NeMo-Aligner's reward server (REFERENCE section 6), model
+"""The KServe v2 / Triton HTTP protocol of NeMo-Aligner's reward server (PyTriton, `serve_reward_model.py`), model
 `reward_model`: request decoding, response encoding and metadata, with the binary tensor data extension.
 
 Inputs (batched, B rows): `sentences` BYTES [B,1] (already formatted prompt strings, tokenized as they

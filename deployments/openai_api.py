@@ -1,4 +1,5 @@
-"""The hosted NVIDIA API's reward interface (NIM, OpenAI chat-completions shape; REFERENCE section 6):
+"""The hosted NVIDIA API's reward interface (NIM, OpenAI chat-completions shape, as build.nvidia.com
+answers for nemotron-4-340b-reward):
 request and response bodies of `POST /v1/chat/completions` and `GET /v1/models`.
 
 The request is a conversation (user, then assistant; an optional system message first) scored at its last

@@ -25,8 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from configs.service import ServiceConfig
 from deployments.auth import ApiKeyCheck, load_api_key
@@ -36,6 +34,7 @@ from deployments.errors import (
     NotFoundError,
     ServiceError,
     ServiceUnavailableError,
+    unavailable_error_from,
     unwrap_service_error,
 )
 from deployments.kserve_api import (
@@ -60,8 +59,7 @@ from deployments.schemas import (
     Usage,
     invalid_request_from_errors,
 )
-from sharding.formats import open_checkpoint
-from sharding.protocol import EngineUnavailableError
+from sharding.checkpoints.formats import open_checkpoint
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,7 +67,6 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID_HEADER = "x-request-id"
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions"})
 MAX_REQUEST_ID_CHARS = 128
-_UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
 app = FastAPI(title="Reward scoring service")
 
@@ -87,11 +84,7 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
         return service_error
     if isinstance(exc, ValidationError):
         return invalid_request_from_errors(exc.errors())
-    if isinstance(exc, _UNAVAILABLE_ERRORS):
-        cause = getattr(exc, "cause", None) or exc
-        message = getattr(cause, "message", None) or str(cause).strip().splitlines()[-1]
-        return ServiceUnavailableError(f"the model is unavailable, retry later: {message}")
-    return None
+    return unavailable_error_from(exc)
 
 
 def _request_id(request: Request) -> str:

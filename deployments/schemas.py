@@ -130,7 +130,7 @@ class ScoreResponse(StrictBody):
 
 def attribute_string(values: Mapping[str, float | int]) -> str:
     """`name:value,name:value,...` in the given order: the content string of the hosted chat-completions
-    API and the SteerLM label format (REFERENCE section 6). Floats are written as Python's shortest
+    API and the SteerLM label format (the `label` field of NeMo-Aligner's annotated data). Floats are written as Python's shortest
     round-trip form, so parsing the string gives back exactly the number served."""
     return ",".join(f"{name}:{value!r}" for name, value in values.items())
 

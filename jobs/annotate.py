@@ -1,4 +1,4 @@
-"""SteerLM attribute annotation (REFERENCE section 6), as NeMo-Aligner's annotator does it, at scale.
+"""SteerLM attribute annotation, as NeMo-Aligner's annotator (`attribute_annotate.py`) does it, at scale.
 
 Input and output: one JSON object a line,
 `{"conversations": [{"value", "from": "User"|"Assistant", "label": str|null}, ...], "mask": "User", ...}`.

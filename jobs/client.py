@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 import httpx
 
-from deployments.errors import ServiceError, ServiceUnavailableError, service_error_from_body, unwrap_service_error
+from deployments.errors import (
+    ServiceError,
+    ServiceUnavailableError,
+    service_error_from_body,
+    unavailable_error_from,
+    unwrap_service_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +98,10 @@ class HandleScoringClient(_Retrying):
         self.max_retries = max_retries
 
     async def _score_once(self, body: dict[str, Any]) -> dict[str, Any]:
-        from deployments.router import as_service_error
-
         try:
             return await self._handle.score.remote(body)
         except Exception as exc:  # typed errors come back wrapped by Ray; map them as the router does
-            error = unwrap_service_error(exc) or as_service_error(exc)
+            error = unwrap_service_error(exc) or unavailable_error_from(exc)
             if error is None:
                 raise
             raise error from None

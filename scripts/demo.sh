@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
-.venv/bin/python -m sharding.demo_model --if-missing --out .demo/nemotron4-tiny-reward
+.venv/bin/python -m demo --if-missing --out .demo/nemotron4-tiny-reward
 BODY='{"conversations": [{"messages": [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is Paris."}]}]}'
 .venv/bin/serve run configs/local.yaml &
 SERVE_PID=$!

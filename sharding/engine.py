@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from configs.model import ModelArchConfig
 from configs.service import ServiceConfig
-from sharding.formats import open_checkpoint
+from sharding.checkpoints.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import EngineUnavailableError
 from sharding.micro_batches import make_micro_batches

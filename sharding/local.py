@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from configs.service import RuntimeConfig
-from sharding.formats import load_checkpoint_into, open_checkpoint
+from sharding.checkpoints.formats import load_checkpoint_into, open_checkpoint
 from sharding.model import build_stage_model
 from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 

@@ -9,7 +9,6 @@ last stage's TP rank 0 returns rewards.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import ray
@@ -17,7 +16,6 @@ import ray
 from configs.model import ModelArchConfig
 from configs.service import ParallelConfig, RuntimeConfig
 from sharding.micro_batches import MicroBatch
-
 
 
 @ray.remote
@@ -38,9 +36,10 @@ class ModelWorker:
         return ray.util.get_node_ip_address(), ctx.get_node_id(), gpus, ctx.get_placement_group_id()
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        """A free port on this worker's node, for the rendezvous that rank 0 hosts."""
+        from sharding.process_group import free_port
+
+        return free_port()
 
     def setup(self, master_addr: str, master_port: int, cuda_visible_devices: str | None, local_rank: int) -> int:
         """Joins the process group, builds this stage and loads its slice. Collective: all ranks at once."""
@@ -49,7 +48,7 @@ class ModelWorker:
         os.environ["LOCAL_RANK"] = str(local_rank)
         from megatron.core import parallel_state
 
-        from sharding.formats import load_checkpoint_into, open_checkpoint
+        from sharding.checkpoints.formats import load_checkpoint_into, open_checkpoint
         from sharding.model import build_stage_model
         from sharding.process_group import init_model_parallel
 
@@ -99,8 +98,3 @@ class ModelWorker:
         if last and self.tp_rank == 0:
             return torch.cat(outputs).float().cpu().numpy()
         return None
-
-    def shutdown(self) -> None:
-        from sharding.process_group import destroy_model_parallel
-
-        destroy_model_parallel()

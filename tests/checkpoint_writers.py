@@ -1,7 +1,7 @@
 """Writes tiny checkpoints in every layout the service reads, from one set of reference weights.
 
 * `write_zarr_weights`: the released Nemotron-4-340B-Reward layout, written from its description
-  (REFERENCE.md section 3) rather than with the project's reader code: one zarr v2 array per tensor with
+  (the released checkpoint's layout as published) rather than with the project's reader code: one zarr v2 array per tensor with
   the `.zarray` fields megatron-core's zarr backend wrote (zarr-python formatting), raw little-endian C-order
   chunks without compression, chunk shape = the shard of a TP 8 save (column-parallel weights split on
   dim 0 of the per-layer matrix, row-parallel ones on dim 1, embeddings and the LM output layer on the vocab
@@ -209,9 +209,9 @@ def write_torch_dist_weights(weights_dir: Path, tensors: dict[str, torch.Tensor]
     `checkpoint_dir`'s model_config.yaml). Joins and leaves a one-rank process group of its own."""
     from configs.service import RuntimeConfig
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from sharding.checkpoint import save_weights, sharded_state_dict
+    from sharding.checkpoints.nemo_weights import save_weights, sharded_state_dict
     from sharding.model import build_stage_model
-    from sharding.nemo_archive import NemoCheckpoint
+    from sharding.checkpoints.nemo import NemoCheckpoint
     from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
     arch = NemoCheckpoint.open(checkpoint_dir).arch.model_copy(update={"rm_head_bias": "rm_head.bias" in tensors})
@@ -236,7 +236,7 @@ def write_torch_dist_weights(weights_dir: Path, tensors: dict[str, torch.Tensor]
 
 def write_tokenizer(folder: Path) -> str:
     """Trains the demo SentencePiece model and stores it NeMo-style as `<md5>_nemotron_2_256k.model`."""
-    from sharding.demo_tokenizer import train_demo_tokenizer
+    from demo.tokenizer import train_demo_tokenizer
 
     tmp = train_demo_tokenizer(folder / ".tokenizer.tmp")
     name = f"{hashlib.md5(tmp.read_bytes()).hexdigest()}_{TOKENIZER_BASENAME}"

@@ -106,9 +106,9 @@ def load_and_score(rank: int, tp: int, pp: int, checkpoints: dict[str, str], tok
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from configs.service import RuntimeConfig
-    from sharding.checkpoint import load_weights, sharded_state_dict
+    from sharding.checkpoints.nemo_weights import load_weights, sharded_state_dict
     from sharding.model import build_stage_model
-    from sharding.nemo_archive import NemoCheckpoint
+    from sharding.checkpoints.nemo import NemoCheckpoint
 
     runtime = RuntimeConfig(torch_threads_per_worker=1)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -25,7 +25,7 @@ def _tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sharding.demo_tokenizer import CORPUS_PATH
+    from demo.tokenizer import CORPUS_PATH
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

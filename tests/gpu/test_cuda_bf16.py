@@ -13,7 +13,7 @@ BF16_TOL = 0.1  # bf16 weights and activations vs the float32 CPU forward of the
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from sharding.demo_model import write_demo_model
+    from demo import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("gpu") / "demo", seed=0)
 

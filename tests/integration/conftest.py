@@ -4,7 +4,6 @@ and the demo checkpoint written once. Apps are deployed per module on top of tha
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +21,9 @@ NODE_GPUS = 2  # logical: placement groups reserve them, no CUDA behind them
 APP_DEPLOY_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> Path:
-    from sharding.demo_model import write_demo_model
+    from demo import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("ckpt") / "demo-reward", seed=0)
 
@@ -54,7 +47,9 @@ def ray_cluster() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def serve_http(ray_cluster) -> str:
-    port = _free_port()
+    from sharding.process_group import free_port
+
+    port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
 
@@ -118,6 +113,6 @@ def reference_scorer(demo_checkpoint):
 @pytest.fixture(scope="session")
 def tokenizer(demo_checkpoint):
     from deployments.prompt import SentencePieceTokenizer
-    from sharding.nemo_archive import NemoCheckpoint
+    from sharding.checkpoints.nemo import NemoCheckpoint
 
     return SentencePieceTokenizer(NemoCheckpoint.open(demo_checkpoint).tokenizer_path)

@@ -21,7 +21,7 @@ import yaml
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from configs.service import ServiceConfig
-from sharding.checkpoint_tool import convert, inspect_checkpoint
+from sharding.checkpoints.cli import convert, inspect_checkpoint
 from sharding.local import LocalScorer
 from tests.checkpoint_writers import TINY_SHAPE, TP_SPLIT_AXIS, padded_vocab, reference_weights, write_checkpoint
 from tests.gloo_world import load_and_score, run_world

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.prompt import SentencePieceTokenizer
-from sharding.demo_tokenizer import train_demo_tokenizer
+from demo.tokenizer import train_demo_tokenizer
 
 
 @pytest.fixture(scope="session")

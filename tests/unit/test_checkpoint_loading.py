@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.checkpoint import ZarrLoadShardedStrategy, load_weights, sharded_state_dict, tensor_infos
-from sharding.checkpoint_tool import inspect_checkpoint, main as tool_main, per_rank_memory
+from sharding.checkpoints.nemo_weights import ZarrLoadShardedStrategy, load_weights, sharded_state_dict, tensor_infos
+from sharding.checkpoints.cli import inspect_checkpoint, main as tool_main, per_rank_memory
 from sharding.local import LocalScorer
-from sharding.nemo_archive import CheckpointFormatError, NemoCheckpoint
+from sharding.checkpoints.nemo import CheckpointFormatError, NemoCheckpoint
 from tests.checkpoint_writers import (
     TINY_SHAPE,
     TP_SPLIT_AXIS,
@@ -202,7 +202,7 @@ def test_convert_zarr_to_torch_dist(root, zarr_ckpt, reference, capsys):
 
 
 def open_weights(path):
-    from sharding.checkpoint_files import open_files
+    from sharding.checkpoints.files import open_files
 
     return open_files(path)
 
@@ -235,7 +235,7 @@ def _json_inspect(path, capsys) -> str:
 
 def test_per_rank_memory_of_the_release():
     """Nemotron-4-340B at TP 8 x PP 2 in bf16: ~42.6 GB on a first-stage GPU (README's '~43 GB')."""
-    from sharding.checkpoint import TensorInfo
+    from sharding.checkpoints.nemo_weights import TensorInfo
     from tests.checkpoint_writers import reference_shapes
 
     shape = {"num_layers": 96, "hidden_size": 18432, "ffn_hidden_size": 73728, "num_attention_heads": 96,

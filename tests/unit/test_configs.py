@@ -498,7 +498,7 @@ def test_serve_config_files_validate(path):
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS)
 def test_serve_config_deployment_overrides_name_real_deployments(path):
-    from deployments.model import RewardModelDeployment
+    from deployments.reward_model import RewardModelDeployment
     from deployments.router import Router
     from deployments.scoring import ScoringDeployment
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.checkpoint_files import CheckpointFilesError, TarFiles, open_files
-from sharding.nemo_archive import CheckpointFormatError, NemoCheckpoint, read_weights_format
+from sharding.checkpoints.files import CheckpointFilesError, TarFiles, open_files
+from sharding.checkpoints.nemo import CheckpointFormatError, NemoCheckpoint, read_weights_format
 from tests.checkpoint_writers import (
     TINY_SHAPE,
     nemotron_model_config,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.checkpoint_files import DirectoryFiles, open_files
-from sharding.zarr_format import (
+from sharding.checkpoints.files import DirectoryFiles, open_files
+from sharding.checkpoints.zarr import (
     ZarrArrayMeta,
     ZarrFormatError,
     chunk_overlaps,

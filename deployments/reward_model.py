@@ -32,7 +32,7 @@ class RewardModelDeployment:
         self.engine = engine_factory(self.config)
 
     async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Rewards float32 [B, num_attributes] for right-aligned token lists; raises EngineUnavailableError."""
+        """Rewards float32 [B, num_attributes] for token lists (one per prompt, unpadded); raises EngineUnavailableError."""
         return await self.engine.score(token_batch)
 
     def describe(self) -> list[dict]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from configs.service import ATTRIBUTE_NAMES
-from sharding.hf_format import CONFIG_FILE as HF_CONFIG_FILE
-from sharding.hf_format import HFCheckpoint
-from sharding.nemo_archive import NemoCheckpoint
+from sharding.checkpoints.hf import CONFIG_FILE as HF_CONFIG_FILE
+from sharding.checkpoints.hf import HFCheckpoint
+from sharding.checkpoints.nemo import NemoCheckpoint
 
 Checkpoint = NemoCheckpoint | HFCheckpoint
 
@@ -35,6 +35,6 @@ def load_checkpoint_into(checkpoint: Checkpoint, model) -> None:
     if isinstance(checkpoint, HFCheckpoint):
         checkpoint.load_into(model)
         return
-    from sharding.checkpoint import load_weights
+    from sharding.checkpoints.nemo_weights import load_weights
 
     load_weights(model, checkpoint.weights_dir)

@@ -6,7 +6,7 @@
                                              (`weights_dir`, `weights_files`, `weights_format`)
 
 A packed `.nemo` is never extracted: the yaml and the weights' metadata are read from the archive, the
-weight chunks are memory-mapped out of it by the loaders (`sharding.checkpoint_files`), and only the small
+weight chunks are memory-mapped out of it by the loaders (`sharding.checkpoints.files`), and only the small
 tokenizer file is copied to a cache folder, because SentencePiece wants a path.
 
 No torch here: the router uses this module for the tokenizer and the architecture.
@@ -27,8 +27,8 @@ import sentencepiece as spm
 import yaml
 
 from configs.model import ModelArchConfig
-from sharding.checkpoint_files import CheckpointFiles, DirectoryFiles, TarFiles
-from sharding.zarr_format import list_arrays
+from sharding.checkpoints.files import CheckpointFiles, DirectoryFiles, TarFiles
+from sharding.checkpoints.zarr import list_arrays
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
@@ -193,7 +193,7 @@ class NemoCheckpoint:
     @property
     def weights_dir(self) -> Path:
         """Where the weights are. For a packed .nemo this is `<file>/model_weights`, a path inside the archive
-        that `sharding.checkpoint_files.open_files` (and so `sharding.checkpoint.load_weights`) resolves."""
+        that `sharding.checkpoints.files.open_files` (and so `sharding.checkpoints.nemo_weights.load_weights`) resolves."""
         try:
             name = self.weights_dir_name
         except CheckpointFormatError:

@@ -1,6 +1,6 @@
 """Writes the demo model: a tiny Nemotron-4-architecture reward model in the released on-disk layout.
 
-    python -m sharding.demo_model --out .demo/nemotron4-tiny-reward
+    python -m demo --out .demo/nemotron4-tiny-reward
 
 The result is an extracted `.nemo` directory: `model_config.yaml` with NeMo's key names, a SentencePiece
 tokenizer referenced as `nemo:<file>`, and `model_weights/` as a megatron-core distributed checkpoint
@@ -21,10 +21,10 @@ import yaml
 
 from configs.model import ModelArchConfig
 from configs.service import RuntimeConfig
-from sharding.checkpoint import save_weights
-from sharding.demo_tokenizer import train_demo_tokenizer
+from sharding.checkpoints.nemo_weights import save_weights
+from demo.tokenizer import train_demo_tokenizer
 from sharding.model import build_stage_model
-from sharding.nemo_archive import CONFIG_FILE, WEIGHTS_DIR, NemoCheckpoint
+from sharding.checkpoints.nemo import CONFIG_FILE, WEIGHTS_DIR, NemoCheckpoint
 from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
 DEMO_SHAPE = {
@@ -127,6 +127,3 @@ def main() -> None:
     write_demo_model(args.out, seed=args.seed)
     print(f"demo model written to {args.out}")
 
-
-if __name__ == "__main__":
-    main()

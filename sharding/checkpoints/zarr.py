@@ -7,7 +7,7 @@ which numpy does not know: those chunks are read as `uint16` and reinterpreted b
 
 A reader asks for a box of the global array (start + shape), and `chunk_overlaps` says which chunk files
 hold which part of it; `open_chunk` memory-maps a chunk file, so slicing it touches only the needed pages.
-numpy only; torch conversion is the caller's business (`sharding.checkpoint`).
+numpy only; torch conversion is the caller's business (`sharding.checkpoints.nemo_weights`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sharding.checkpoint_files import CheckpointFiles
+from sharding.checkpoints.files import CheckpointFiles
 
 ZARRAY = ".zarray"
 BFLOAT16 = "bfloat16"

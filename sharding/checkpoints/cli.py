@@ -1,7 +1,7 @@
 """Inspect a checkpoint, or convert its zarr weights to torch_dist.
 
-    python -m sharding.checkpoint_tool inspect PATH [--tp 8 --pp 2] [--dtype bfloat16] [--json]
-    python -m sharding.checkpoint_tool convert PATH OUT [--drop-output-layer]
+    python -m sharding.checkpoints inspect PATH [--tp 8 --pp 2] [--dtype bfloat16] [--json]
+    python -m sharding.checkpoints convert PATH OUT [--drop-output-layer]
 
 PATH is an extracted `.nemo` directory, a packed `.nemo`, or a bare `model_weights/` folder.
 
@@ -26,8 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
-from sharding.checkpoint_files import CheckpointFiles, open_files
-from sharding.nemo_archive import (
+from sharding.checkpoints.files import CheckpointFiles, open_files
+from sharding.checkpoints.nemo import (
     CONFIG_FILE,
     METADATA_FILE,
     CheckpointFormatError,
@@ -86,7 +86,7 @@ def _locate(path: Path) -> tuple[NemoCheckpoint | None, CheckpointFiles]:
 
 def inspect_checkpoint(path: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bfloat16") -> dict:
     """Everything `inspect` prints, as a dict (JSON-ready)."""
-    from sharding.checkpoint import tensor_infos
+    from sharding.checkpoints.nemo_weights import tensor_infos
 
     path = Path(path).expanduser().resolve()
     checkpoint, files = _locate(path)
@@ -228,7 +228,7 @@ def format_inspection(r: dict) -> str:
 
 def convert(path: str | Path, out: str | Path, *, drop_output_layer: bool = False, quiet: bool = False) -> dict:
     """zarr -> torch_dist. For a .nemo checkpoint, OUT is an extracted .nemo directory."""
-    from sharding.checkpoint_convert import convert_zarr_to_torch_dist
+    from sharding.checkpoints.convert import convert_zarr_to_torch_dist
 
     path, out = Path(path).expanduser().resolve(), Path(out).expanduser().resolve()
     checkpoint, weights = _locate(path)
@@ -270,7 +270,7 @@ def _copy_tree(files: CheckpointFiles, rel: str, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sharding.checkpoint_tool", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sharding.checkpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="format, tensors, parameter count, memory per rank")
@@ -301,7 +301,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Pipeline parallelism on this machine: tokens/s of the engine at TP1 x PP1 and at PP2 with micro-batching
 on (the stages overlap) and off (one micro-batch: stage 2 waits for stage 1).
 
-    python bench/pipeline.py [--sequences 64] [--repeats 3]
+    python bench/pipeline_parallel.py [--sequences 64] [--repeats 3]
 
 Runs the real MegatronEngine (Ray worker actors, gloo, CPU) on the demo model, one Ray node, placement
 strategy PACK (a single node cannot STRICT_SPREAD). Every worker gets `--threads` torch threads so the runs
@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if not (CHECKPOINT / "model_config.yaml").is_file():
-        subprocess.run([sys.executable, "-m", "sharding.demo_model", "--out", str(CHECKPOINT)], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "demo", "--out", str(CHECKPOINT)], check=True, cwd=REPO)
     rng = np.random.default_rng(0)
     batch = [rng.integers(4, 2000, size=int(n)).tolist() for n in rng.integers(64, 513, size=args.sequences)]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
+CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 SPECIAL_PIECES = ("<extra_id_0>", "<extra_id_1>", "<extra_id_2>", "\n")
 DEMO_VOCAB_SIZE = 2048
 

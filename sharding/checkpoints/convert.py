@@ -1,4 +1,4 @@
-"""zarr -> torch_dist conversion, one chunk at a time (`python -m sharding.checkpoint_tool convert`)."""
+"""zarr -> torch_dist conversion, one chunk at a time (`python -m sharding.checkpoints convert`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sharding.checkpoint import COMMON_FILE
-from sharding.checkpoint_files import CheckpointFiles
-from sharding.nemo_archive import METADATA_FILE, CheckpointFormatError, read_weights_format
-from sharding.zarr_format import ZarrArrayMeta, open_chunk, read_meta
+from sharding.checkpoints.nemo_weights import COMMON_FILE
+from sharding.checkpoints.files import CheckpointFiles
+from sharding.checkpoints.nemo import METADATA_FILE, CheckpointFormatError, read_weights_format
+from sharding.checkpoints.zarr import ZarrArrayMeta, open_chunk, read_meta
 
 
 def _zarr_chunk_tensor(files: CheckpointFiles, meta: ZarrArrayMeta, index: tuple[int, ...]) -> torch.Tensor:

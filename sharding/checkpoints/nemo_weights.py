@@ -52,14 +52,14 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystemBase
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from sharding.checkpoint_files import CheckpointFiles, DirectoryFiles, open_files
-from sharding.nemo_archive import (
+from sharding.checkpoints.files import CheckpointFiles, DirectoryFiles, open_files
+from sharding.checkpoints.nemo import (
     TORCH_DIST_METADATA,
     CheckpointFormatError,
     WeightsFormat,
     read_weights_format,
 )
-from sharding.zarr_format import ZarrArrayMeta, chunk_overlaps, list_arrays, open_chunk, read_meta
+from sharding.checkpoints.zarr import ZarrArrayMeta, chunk_overlaps, list_arrays, open_chunk, read_meta
 
 NEMO_KEY_PREFIX = "model."
 COMMON_FILE = "common.pt"

@@ -1,6 +1,6 @@
 """HF-format reward models on the megatron-core model: `config.json` + safetensors + `tokenizer.json`.
 
-Supported architectures (REFERENCE.md section 5):
+Supported architectures (transformers' class names in `config.json` `architectures`):
   * `LlamaForSequenceClassification` (Skywork-style): RMSNorm, SwiGLU, RoPE (+ Llama-3.1 scaling), `score`.
   * `NemotronForSequenceClassification`: layernorm1p, squared ReLU, partial RoPE, `score`.
   * `LlamaForCausalLM` reward models (Llama-3.1-Nemotron-70B-Reward-HF): reward = logit of vocab id 0 at the
@@ -161,6 +161,6 @@ class HFCheckpoint:
 
     def load_into(self, model) -> None:
         """Fills this rank's stage model (any TP x PP) from the safetensors files, slice by slice."""
-        from sharding.hf_weights import load_hf_weights
+        from sharding.checkpoints.hf_weights import load_hf_weights
 
         load_hf_weights(self, model, self._tensor_files())
