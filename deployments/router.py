@@ -2,8 +2,10 @@
 weigh the attributes -> respond.
 
 Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
-and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` (`deployments.kserve_api`),
-and `/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
+and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` with versioned routes and the
+model config (`deployments.kserve_api`; its errors in KServe's shape), OpenRLHF's `POST /get_reward`
+(`deployments.openrlhf_api`), vLLM's `POST /classify` and `POST /pooling` (`deployments.vllm_api`), and
+`/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
 concurrent requests share one token-budget batch queue (`serve.batch` with `batch_size_fn` = total
 tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the wait and the number of
 batches in flight all come from the service config. Errors leave as the typed errors of

@@ -122,7 +122,7 @@ def test_triton_config_and_versioned_routes(http, demo_app):
     ("POST", "/v2/models/reward_model/versions/3/infer", 404, "model version '3'"),
     ("GET", "/v2/models/reward_model/stats", 404, "/v2/models/reward_model/stats: Not Found"),
     ("GET", "/v2/models/reward_model/infer", 405, "Method Not Allowed"),
-    ("POST", "/v2/models/reward_model/infer", 400, "request body"),
+    ("POST", "/v2/models/reward_model/infer", 400, "inputs: Field required"),
 ])
 def test_v2_errors_are_kserve_shaped(http, method, path, status, fragment):
     response = http.request(method, path, content=b"{}" if method == "POST" else None)
