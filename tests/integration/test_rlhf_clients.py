@@ -6,13 +6,14 @@ same prompt to 1e-6."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton
-from pytriton.client import FuturesModelClient, ModelClient
+from pytriton.client import AsyncioModelClient, ModelClient
 from pytriton.client.exceptions import PyTritonClientTimeoutError
 from tritonclient.utils import InferenceServerException
 
@@ -87,6 +88,18 @@ def test_pytriton_model_client_reads_the_config_and_infers(http, demo_app, model
     assert result["rewards"].dtype == np.float32 and result["exceeded"].tolist() == [[0]] * 3
     np.testing.assert_allclose(result["rewards"], want, atol=TOL, rtol=0)
     np.testing.assert_allclose(single["rewards"], want[0], atol=TOL, rtol=0)
+
+
+def test_pytriton_asyncio_client_polls_the_repository_index(http, demo_app):
+    convs = [conversation(7), conversation(8)]
+    sentences = np.char.encode(np.array(rendered(convs))[:, np.newaxis], "utf-8")
+
+    async def infer():
+        async with AsyncioModelClient(host_port(demo_app), "reward_model", init_timeout_s=60) as client:
+            return await client.infer_batch(sentences=sentences)
+
+    result = asyncio.run(infer())
+    np.testing.assert_allclose(result["rewards"], [attributes_of(r) for r in native(http, convs)], atol=TOL, rtol=0)
 
 
 def test_pytriton_never_sees_an_unknown_model_or_version_ready(demo_app):
