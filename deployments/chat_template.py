@@ -86,6 +86,12 @@ class ChatTemplatePrompt:
         return TokenizedPrompt(ids[-max_tokens:], truncated=len(ids) > max_tokens)
 
 
+    def complete_rendered(self, text: str) -> str:
+        """An already rendered prompt as it is: a chat template has no end marker; the score is read at
+        its last token."""
+        return text
+
+
 def prompt_format_for(checkpoint) -> ChatTemplatePrompt | SteerLMPrompt:
     """The checkpoint's prompt format: its own chat template (HF) or the SteerLM template (NeMo)."""
     if checkpoint.arch.tokenizer.library == "huggingface":

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, NotFoundError
 from deployments.schemas import StrictBody, invalid_request_from_errors
 
 SERVED_MODEL_NAME = "reward_model"
@@ -211,6 +211,44 @@ def model_metadata(model_name: str, num_attributes: int) -> dict[str, Any]:
         "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in outputs.items()],
     }
+
+
+_CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "BOOL": "TYPE_BOOL",
+                 "FP32": "TYPE_FP32"}
+
+
+def model_config(
+    model_name: str, num_attributes: int, max_batch_size: int, max_queue_delay_s: float
+) -> dict[str, Any]:
+    """`GET /v2/models/{name}/config`: Triton's JSON model configuration, what PyTriton's `ModelClient`
+    reads before its first inference (`max_batch_size > 0` is what lets it call `infer_batch`). Dims leave
+    out the batch dimension, as Triton does for batching models; every input is optional (`sentences` or
+    `tokens` + `sequence_lengths`, `add_EOS` optional), checked per request."""
+    outputs = {"rewards": ("FP32", [num_attributes]), "exceeded": ("INT32", [1])}
+    return {
+        "name": model_name,
+        "platform": PLATFORM,
+        "max_batch_size": max_batch_size,
+        "input": [
+            {"name": n, "data_type": _CONFIG_TYPES[d], "dims": s[1:], "optional": True} for n, (d, s) in INPUTS.items()
+        ],
+        "output": [{"name": n, "data_type": _CONFIG_TYPES[d], "dims": s} for n, (d, s) in outputs.items()],
+        "dynamic_batching": {"max_queue_delay_microseconds": round(max_queue_delay_s * 1e6), "preserve_ordering": True},
+        "model_transaction_policy": {"decoupled": False},
+    }
+
+
+def check_model_version(version: str | None) -> None:
+    """Versioned routes (`/v2/models/{name}/versions/{version}/...`) serve the one version metadata lists."""
+    if version is not None and version != MODEL_VERSION:
+        raise NotFoundError(f"model version {version!r} is not served here; the only version is {MODEL_VERSION!r}",
+                            param="model_version")
+
+
+def kserve_error_body(message: str) -> dict[str, str]:
+    """KServe v2's error shape, `{"error": "<message>"}`, used on every `/v2` route (tritonclient and
+    PyTriton read the message from it). Our messages start with the failing field, e.g. `inputs[0].datatype: ...`."""
+    return {"error": message}
 
 
 def server_metadata(version: str) -> dict[str, Any]:

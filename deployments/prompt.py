@@ -245,3 +245,10 @@ class SteerLMPrompt:
 
     def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
         return fit_token_ids(token_ids, self.tokenizer, max_tokens=max_tokens)
+
+    def complete_rendered(self, text: str) -> str:
+        """An already rendered prompt, ended the way the template ends a conversation: the scored turn's
+        closing newline and `<extra_id_2>` (where the score is read) are appended when missing."""
+        if text.endswith(END_MARKER):
+            return text
+        return text + ("" if text.endswith("\n") else "\n") + END_MARKER

@@ -2,8 +2,10 @@
 weigh the attributes -> respond.
 
 Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
-and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` (`deployments.kserve_api`),
-and `/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
+and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` with versioned routes and the
+model config (`deployments.kserve_api`; its errors in KServe's shape), OpenRLHF's `POST /get_reward`
+(`deployments.openrlhf_api`), vLLM's `POST /classify` and `POST /pooling` (`deployments.vllm_api`), and
+`/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
 concurrent requests share one token-budget batch queue (`serve.batch` with `batch_size_fn` = total
 tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the wait and the number of
 batches in flight all come from the service config. Errors leave as the typed errors of
@@ -22,9 +24,11 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.service import ServiceConfig
 from deployments.auth import ApiKeyCheck, load_api_key
@@ -39,9 +43,13 @@ from deployments.errors import (
 )
 from deployments.kserve_api import (
     HEADER_LENGTH,
+    MODEL_VERSION,
     SERVED_MODEL_NAME,
     InferRequest,
+    check_model_version,
     encode_infer_response,
+    kserve_error_body,
+    model_config,
     model_metadata,
     parse_infer_request,
     server_metadata,
@@ -49,6 +57,16 @@ from deployments.kserve_api import (
 )
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
+from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse, get_reward_body
+from deployments.rendered_prompts import tokenize_rendered
+from deployments.vllm_api import (
+    ClassifyRequest,
+    ClassifyResponse,
+    PoolingRequest,
+    PoolingResponse,
+    classify_body,
+    pooling_body,
+)
 from deployments.chat_template import prompt_format_for
 from deployments.prompt import TokenizedPrompt
 from deployments.schemas import (
@@ -65,7 +83,7 @@ logger = logging.getLogger("ray.serve")
 
 SERVICE_VERSION = "0.1.0"
 REQUEST_ID_HEADER = "x-request-id"
-SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions"})
+SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling"})
 MAX_REQUEST_ID_CHARS = 128
 
 app = FastAPI(title="Reward scoring service")
@@ -97,8 +115,15 @@ def _request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def _error_response(error: ServiceError) -> JSONResponse:
+def _error_response(error: ServiceError, request: Request | None = None) -> JSONResponse:
+    """The error JSON for a route: KServe's `{"error": message}` under `/v2`, the service's shape elsewhere."""
+    if request is not None and _is_kserve_path(_route_path(request)):
+        return JSONResponse(status_code=error.status_code, content=kserve_error_body(error.message))
     return JSONResponse(status_code=error.status_code, content=error.to_body())
+
+
+def _is_kserve_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def _route_path(request: Request) -> str:
@@ -121,10 +146,10 @@ async def _request_middleware(request: Request, call_next):
         try:
             request.app.state.api_key_check.check(request.headers.get("authorization"))
         except AttributeError:  # the router has not finished starting: never serve unchecked
-            response = _error_response(ServiceUnavailableError("the service is starting, retry later"))
+            response = _error_response(ServiceUnavailableError("the service is starting, retry later"), request)
         except ServiceError as error:
             logger.info("request %s rejected: %s", request_id, error.message)
-            response = _error_response(error)
+            response = _error_response(error, request)
         else:
             response = await call_next(request)
     else:
@@ -147,12 +172,22 @@ def _route_name(request: Request) -> str:
 async def _on_request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     error = invalid_request_from_errors(exc.errors(), body_prefix=True)
     logger.info("request %s rejected: %s", _request_id(request), error.message)
-    return _error_response(error)
+    return _error_response(error, request)
 
 
 @app.exception_handler(ServiceError)
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return _error_response(exc)
+    return _error_response(exc, request)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes and methods under `/v2` answer in KServe's error shape; elsewhere FastAPI's default."""
+    path = _route_path(request)
+    if not _is_kserve_path(path):
+        return await http_exception_handler(request, exc)
+    message = f"{request.method} {path}: {exc.detail}"
+    return JSONResponse(status_code=exc.status_code, content=kserve_error_body(message), headers=exc.headers)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -295,9 +330,10 @@ class Router:
     # --- KServe v2 / Triton -------------------------------------------------------------------------------
 
     @app.post("/v2/models/{model_name}/infer")
-    async def kserve_infer(self, model_name: str, http_request: Request) -> Response:
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
+    async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
         try:
-            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
+            self._check_kserve_model(model_name, model_version)
             request = parse_infer_request(
                 await http_request.body(),
                 http_request.headers.get(HEADER_LENGTH),
@@ -315,11 +351,12 @@ class Router:
     def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
         """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""
         sequences = token_lists(request, self._prompt.encode, self._prompt.vocab_size, self._prompt.eos_id)
+        self._check_count(len(sequences), "inputs")
         return [self._prompt.fit_token_ids(ids, max_tokens=self._limit_tokens) for ids in sequences]
 
-    @property
-    def _kserve_names(self) -> tuple[str, ...]:
-        return (SERVED_MODEL_NAME, self._cfg.model_name)
+    def _check_kserve_model(self, model_name: str, model_version: str | None) -> None:
+        self._check_model(model_name, accepted=(SERVED_MODEL_NAME, self._cfg.model_name), param="model_name")
+        check_model_version(model_version)
 
     @app.get("/v2")
     async def kserve_server_metadata(self) -> dict[str, Any]:
@@ -334,20 +371,88 @@ class Router:
         return {"ready": True}
 
     @app.get("/v2/models/{model_name}")
-    async def kserve_model_metadata(self, model_name: str) -> Any:
-        try:
-            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
-        except ServiceError as error:
-            return _error_response(error)
+    @app.get("/v2/models/{model_name}/versions/{model_version}")
+    async def kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        self._check_kserve_model(model_name, model_version)  # errors: the ServiceError handler, KServe shape
         return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
 
     @app.get("/v2/models/{model_name}/ready")
-    async def kserve_model_ready(self, model_name: str) -> Any:
-        try:
-            self._check_model(model_name, accepted=self._kserve_names, param="model_name")
-        except ServiceError as error:
-            return _error_response(error)
+    @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
+    async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        self._check_kserve_model(model_name, model_version)
         return {"name": model_name, "ready": True}
+
+    @app.get("/v2/models/{model_name}/config")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/config")
+    async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        """Triton's JSON model configuration (what PyTriton's clients read before inferring)."""
+        self._check_kserve_model(model_name, model_version)
+        router = self._cfg.router
+        return model_config(model_name, len(self._cfg.scoring.attribute_names),
+                            router.max_conversations_per_request, router.batch_wait_timeout_s)
+
+    @app.post("/v2/repository/index")
+    async def kserve_repository_index(self) -> list[dict[str, str]]:
+        """Triton's model repository index (PyTriton's asyncio client polls it for the model's state)."""
+        return [{"name": name, "version": MODEL_VERSION, "state": "READY"}
+                for name in dict.fromkeys((SERVED_MODEL_NAME, self._cfg.model_name))]
+
+    # --- OpenRLHF remote reward model, vLLM /classify and /pooling -------------------------------------------
+
+    @app.post("/get_reward", response_model=GetRewardResponse)
+    async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
+        """OpenRLHF's `--remote_rm_url`: rendered queries -> weighted rewards and per-attribute logs."""
+        try:
+            prompts = await asyncio.to_thread(self._rendered_prompts, body.query, "query", True)
+            scored = await self._score_prompts(prompts, "/get_reward")
+            return get_reward_body(scored, self._cfg.scoring.attribute_names)
+        except Exception as exc:
+            return self._http_error(exc, http_request)
+
+    @app.post("/classify", response_model=ClassifyResponse)
+    async def classify(self, body: ClassifyRequest, http_request: Request) -> Any:
+        """vLLM's `/classify` for reward models: `probs` = nine attributes, then the weighted reward."""
+        try:
+            prompts = await self._vllm_prompts(body)
+            scored = await self._score_prompts(prompts, "/classify")
+            return classify_body(_request_id(http_request), self._cfg.model_name, scored,
+                                 self._cfg.scoring.attribute_names, sum(p.num_tokens for p in prompts))
+        except Exception as exc:
+            return self._http_error(exc, http_request)
+
+    @app.post("/pooling", response_model=PoolingResponse)
+    async def pooling(self, body: PoolingRequest, http_request: Request) -> Any:
+        """vLLM's `/pooling` for reward models: `data` = nine attributes, then the weighted reward."""
+        try:
+            prompts = await self._vllm_prompts(body)
+            scored = await self._score_prompts(prompts, "/pooling")
+            return pooling_body(_request_id(http_request), self._cfg.model_name, scored,
+                                self._cfg.scoring.attribute_names, sum(p.num_tokens for p in prompts))
+        except Exception as exc:
+            return self._http_error(exc, http_request)
+
+    async def _vllm_prompts(self, body: ClassifyRequest) -> list[TokenizedPrompt]:
+        if body.model is not None:
+            self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
+        if body.messages is not None:
+            return [await asyncio.to_thread(self._prompt.tokenize_conversation, body.messages,
+                                            max_tokens=self._limit_tokens, field="messages")]
+        return await asyncio.to_thread(self._rendered_prompts, body.texts, "input", False)
+
+    def _rendered_prompts(self, texts: Sequence[str], field: str, truncate: bool) -> list[TokenizedPrompt]:
+        self._check_count(len(texts), field)
+        return tokenize_rendered(self._prompt, texts, max_tokens=self._limit_tokens, field=field, truncate=truncate)
+
+    async def _score_prompts(self, prompts: Sequence[TokenizedPrompt], route: str) -> list[dict[str, Any]]:
+        """Model attributes, then the scoring deployment's weights: `{"score", "attributes"}` per prompt."""
+        self._metrics.truncated(route, sum(prompt.truncated for prompt in prompts))
+        attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
+        return await self._scoring.score.remote(attributes, None)
+
+    def _check_count(self, count: int, field: str) -> None:
+        limit = self._cfg.router.max_conversations_per_request
+        if count > limit:
+            raise InvalidRequestError(f"{field} has {count} items; the limit is {limit}", param=field)
 
     # --- shared -------------------------------------------------------------------------------------------
 
@@ -367,7 +472,7 @@ class Router:
             logger.info("request %s failed: %s", request_id, error.message)
             if isinstance(error, InputTooLongError):
                 self._metrics.rejected_too_long(_route_name(http_request))
-        return _error_response(error)
+        return _error_response(error, http_request)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

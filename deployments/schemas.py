@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from deployments.errors import InvalidRequestError
@@ -33,11 +35,61 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TEXT_PART_SEPARATOR = "\n"  # how the text parts of one message are joined (as vLLM's chat parser joins them)
+
+
+def join_text_parts(content: Any) -> Any:
+    """OpenAI content parts -> one string: `[{"type": "text", "text": ...}, ...]` joined in order with
+    `TEXT_PART_SEPARATOR`. Any other part (image, audio, file) cannot be scored: a pydantic error whose
+    ctx carries the part's index, so the 400 names e.g. `messages[1].content[0]`. A string passes as is."""
+    if not isinstance(content, list):
+        return content
+    if not content:
+        raise PydanticCustomError("no_content_parts", "content has no parts; give a string or text parts")
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            described = f"a part of type {kind!r}" if isinstance(kind, str) else "not a content part"
+            raise PydanticCustomError(
+                "unsupported_content_part",
+                "{described} cannot be scored; only text parts (type 'text') can",
+                {"described": described, SUB_LOC_KEY: (index,)},
+            )
+        extra = sorted(set(part) - {"type", "text"})
+        if extra or not isinstance(part.get("text"), str):
+            problem = f"unexpected key {extra[0]!r}" if extra else "`text` must be a string"
+            raise PydanticCustomError("invalid_text_part", "text part: {problem}",
+                                      {"problem": problem, SUB_LOC_KEY: (index,)})
+        texts.append(part["text"])
+    return TEXT_PART_SEPARATOR.join(texts)
+
+
+_CONTENT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+                "additionalProperties": False,
+            },
+        },
+    ],
+    "description": "The message text, or OpenAI content parts of type `text` (joined in order with a newline); "
+    "image, audio and file parts are rejected. Must not be empty.",
+}
+MessageContent = Annotated[StrictStr, BeforeValidator(join_text_parts), WithJsonSchema(_CONTENT_SCHEMA)]
+
+
 class Message(StrictBody):
     role: Literal["system", "user", "assistant"] = Field(
         description="`system` only as the first message; the last message must be `assistant`."
     )
-    content: StrictStr = Field(min_length=1, description="The message text; must not be empty.")
+    content: MessageContent = Field(min_length=1)
 
 
 def check_message_roles(messages: list[Message]) -> list[Message]:

@@ -13,3 +13,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# PyTriton's client for the tests (see pyproject.toml: --no-deps keeps numpy 2; its requirements are in `test`).
+.venv/bin/python -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
