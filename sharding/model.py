@@ -178,8 +178,10 @@ class RewardGPTModel(GPTModel):
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=forest.mask, rotary_pos_emb=rotary)
         if not self.is_last_stage:
             return hidden
-        rewards, _ = self.rm_head(hidden[forest.readout, 0].float())
-        return rewards
+        # One head call per scored sequence: the [1, H] x [H, A] product it gets when scored alone (a
+        # [k, H] product rounds differently with k on CPU BLAS), so a score does not depend on its batch mates.
+        last = hidden[forest.readout, 0].float()
+        return torch.cat([self.rm_head(last[i:i + 1])[0] for i in range(last.shape[0])])
 
 
 def build_stage_model(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int, pp_rank: int) -> RewardGPTModel:

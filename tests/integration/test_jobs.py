@@ -147,8 +147,9 @@ def test_annotate_killed_and_resumed_equals_an_uninterrupted_run(demo_app, steer
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming after input line" in done.stderr
     assert out.read_bytes() == rounded_run.read_bytes()
-    # Raw floats too: with micro_batch_size 1 (the CPU demo config) a prompt's scores do not depend on which
-    # prompts share its batch, so the resumed file is byte for byte the uninterrupted one.
+    # Raw floats too: a prompt's scores do not depend on which prompts share its batch (bitwise, on this CPU
+    # path: bench/results/forest.json records the batch invariance), so the resumed file is byte for byte
+    # the uninterrupted one.
     out = steerlm_file.with_name("resumed_raw.jsonl")
     args = ["annotate", "--input", str(steerlm_file), "--output", str(out), "--url", demo_app]
     kill_midway([*args, "--concurrency", "2"], out)
