@@ -14,6 +14,8 @@ megatron's unfused `apply_rotary_pos_emb` broadcasts over the heads like its own
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.activations import squared_relu
@@ -23,8 +25,6 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from configs.model import ModelArchConfig
-from dataclasses import dataclass
-
 from configs.service import RuntimeConfig
 from sharding.forest import ForestRow
 from sharding.layers import ForestMask, Norm, SDPACoreAttention
@@ -179,7 +179,7 @@ class RewardGPTModel(GPTModel):
         if not self.is_last_stage:
             return hidden
         # One head call per scored sequence: the [1, H] x [H, A] product it gets when scored alone (a
-        # [k, H] product rounds differently with k on CPU BLAS), so a score does not depend on its batch mates.
+        # [k, H] product rounds differently with k on CPU BLAS), so the head adds no dependence on batch mates.
         last = hidden[forest.readout, 0].float()
         return torch.cat([self.rm_head(last[i:i + 1])[0] for i in range(last.shape[0])])
 
