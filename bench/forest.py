@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-batch", type=int, default=16384, help="router.max_tokens_per_batch")
     parser.add_argument("--max-tokens-per-micro-batch", type=int, default=8192,
                         help="parallel.max_tokens_per_micro_batch (both layouts)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cobatchings", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)

@@ -85,6 +85,8 @@ def test_forest_engine_equals_each_sequence_alone(ray_cluster, demo_checkpoint, 
     rewards = score_with_engine(config, forest_batch)
     assert rewards.dtype == np.float32 and rewards.shape == (len(forest_batch), 9)
     diff = np.abs(rewards - forest_reference).max()
+    print(f"forest engine tp{tp} pp{pp}: {len(forest_batch)} sequences, {forest.computed_tokens} of "
+          f"{sum(map(len, forest_batch))} tokens computed in {len(forest.rows)} rows, max abs diff {diff}")
     assert diff <= TOL, f"max abs diff {diff}"
 
 
