@@ -32,14 +32,16 @@ from sharding.engine import MegatronEngine  # noqa: E402
 from sharding.placement import placement_for  # noqa: E402
 
 CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
+MAX_LENGTH = 512  # the batch's longest sequence (lengths 64..512)
 
 
 def run(label: str, tp: int, pp: int, micro_batch_size: int, batch: list[list[int]], repeats: int,
         threads: int) -> dict:
     config = ServiceConfig.model_validate({
         "checkpoint_path": str(CHECKPOINT),
-        "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                     "micro_batch_size": micro_batch_size, "placement_strategy": "PACK"},
+        # padded micro-batches of `micro_batch_size` sequences: the token budget of that many longest (512)
+        "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "batch_layout": "padded",
+                     "max_tokens_per_micro_batch": micro_batch_size * MAX_LENGTH, "placement_strategy": "PACK"},
         "runtime": {"cpus_per_worker": 1, "torch_threads_per_worker": threads},
     })
     plan = placement_for(config)

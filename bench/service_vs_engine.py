@@ -4,7 +4,7 @@
     python bench/service_vs_engine.py --profile               # + where the time goes
     python bench/service_vs_engine.py --micro-batch-size 16   # configs/local.yaml exactly (see bench/README.md)
 
-Config: configs/local.yaml's app args with micro_batch_size 1 (this benchmark's CPU tuning; flags below).
+Config: configs/local.yaml's app args (the forest batch layout), with the overrides below.
 
 What it measures (tokens are real prompt tokens, exactly what the router scores; padding never counts):
 
@@ -59,11 +59,11 @@ import yaml  # noqa: E402
 from configs.service import ServiceConfig  # noqa: E402
 from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # noqa: E402
 from deployments.schemas import Message  # noqa: E402
-from sharding.micro_batches import padded_tokens  # noqa: E402
+from sharding.micro_batches import computed_tokens  # noqa: E402
 from sharding.checkpoints.nemo import NemoCheckpoint  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
-CORPUS = REPO / "sharding" / "demo_corpus.txt"
+CORPUS = REPO / "demo" / "corpus.txt"
 LOCAL_YAML = REPO / "configs" / "local.yaml"
 HTTP_PORT = 8100
 RAY_TEMP_DIR = "/tmp/ray_bench"
@@ -83,8 +83,10 @@ def service_args(args: argparse.Namespace) -> dict[str, Any]:
     app = yaml.safe_load(LOCAL_YAML.read_text())["applications"][0]
     cfg = json.loads(json.dumps(app["args"]))
     cfg["checkpoint_path"] = str(Path(args.checkpoint).resolve())
-    if args.micro_batch_size is not None:
-        cfg.setdefault("parallel", {})["micro_batch_size"] = args.micro_batch_size
+    if args.batch_layout is not None:
+        cfg.setdefault("parallel", {})["batch_layout"] = args.batch_layout
+    if args.max_tokens_per_micro_batch is not None:
+        cfg.setdefault("parallel", {})["max_tokens_per_micro_batch"] = args.max_tokens_per_micro_batch
     if args.max_tokens_per_batch is not None:
         cfg.setdefault("router", {})["max_tokens_per_batch"] = args.max_tokens_per_batch
     if args.batch_wait_timeout_s is not None:
@@ -508,9 +510,8 @@ def main() -> None:
                    help="Per pass: CPU by process role, the worker's on-CPU/run-queue/idle shares, model calls "
                         "and batch sizes; plus a handle (no HTTP) pass and an engine pass on the service's batch shape.")
     g = p.add_argument_group("config: configs/local.yaml's app args with these overrides")
-    g.add_argument("--micro-batch-size", type=int, default=1,
-                   help="parallel.micro_batch_size (default 1, this benchmark's CPU tuning: no padding; "
-                        "16 = local.yaml as is)")
+    g.add_argument("--batch-layout", choices=["forest", "padded"], help="parallel.batch_layout")
+    g.add_argument("--max-tokens-per-micro-batch", type=int, help="parallel.max_tokens_per_micro_batch")
     g.add_argument("--max-tokens-per-batch", type=int)
     g.add_argument("--batch-wait-timeout-s", type=float)
     g.add_argument("--torch-threads", type=int, help="runtime.torch_threads_per_worker")
@@ -548,7 +549,7 @@ def main() -> None:
     ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=4, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     batches = budget_batches(token_lists, config.router.max_tokens_per_batch)
-    padded = sum(padded_tokens([len(t) for t in b], config.parallel.micro_batch_size) for b in batches)
+    padded = sum(computed_tokens(b, config.parallel) for b in batches)
     engine_passes: list[dict[str, Any]] = []
     service: list[dict[str, Any]] = []
     handle = None
@@ -577,8 +578,8 @@ def main() -> None:
 
     try:
         print(f"engine: building workers ({len(batches)} budget batches of "
-              f"<= {config.router.max_tokens_per_batch} tokens; micro-batches of "
-              f"{config.parallel.micro_batch_size} pad {padded - total_tokens} tokens, "
+              f"<= {config.router.max_tokens_per_batch} tokens; {config.parallel.batch_layout} micro-batches of "
+              f"<= {config.parallel.max_tokens_per_micro_batch} tokens compute {padded - total_tokens:+d} tokens, "
               f"+{100 * (padded / total_tokens - 1):.1f}%) ...", flush=True)
         bench = EngineBench(config)
         bench.run(batches[:2])  # warm-up
@@ -616,7 +617,7 @@ def main() -> None:
             chunks = [token_lists[i:i + k] for i in range(0, len(token_lists), k)]
             r = bench.run(chunks, profile=True)
             small_batches = {"conversations_per_batch": k, **r,
-                             "padded_tokens": sum(padded_tokens([len(t) for t in b], config.parallel.micro_batch_size) for b in chunks),
+                             "padded_tokens": sum(computed_tokens(b, config.parallel) for b in chunks),
                              "vs_budget_batches": round(r["tokens_per_s"] / engine_passes[-1]["tokens_per_s"], 3)}
             print(f"engine on the service's batch shape ({k} conversations a batch, as at c={c}): "
                   f"{json.dumps(small_batches)}", flush=True)
@@ -664,7 +665,7 @@ def main() -> None:
         },
         "config": cfg_args,
         "config_overrides": {k: getattr(args, k) for k in
-                             ("micro_batch_size", "max_tokens_per_batch", "batch_wait_timeout_s",
+                             ("batch_layout", "max_tokens_per_micro_batch", "max_tokens_per_batch", "batch_wait_timeout_s",
                               "torch_threads", "cpus_per_worker") if getattr(args, k) is not None},
         "machine": {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                     "worker_torch_threads": bench.worker["torch_threads"]},

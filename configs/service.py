@@ -28,8 +28,15 @@ DEFAULT_WEIGHTS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47,
 class ParallelConfig(StrictModel):
     tensor_parallel_size: int = Field(default=1, ge=1, description="Tensor-parallel ranks per stage.")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages (one node each).")
-    micro_batch_size: int = Field(
-        default=8, ge=1, description="Sequences per micro-batch; batches are length-sorted first."
+    max_tokens_per_micro_batch: int = Field(
+        default=8192, ge=1,
+        description="Token budget of one micro-batch (one forward per stage): forest nodes, or sequences x "
+                    "longest for the padded layout. Must hold one max-length prompt.",
+    )
+    batch_layout: Literal["forest", "padded"] = Field(
+        default="forest",
+        description="`forest`: sequences sharing a token prefix compute it once, packed without padding "
+                    "(sharding/forest.py); `padded`: length-sorted, right-padded micro-batches.",
     )
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = Field(
         default="STRICT_SPREAD",
@@ -78,6 +85,13 @@ class RuntimeConfig(StrictModel):
     )
     distributed_timeout_s: float = Field(default=600.0, gt=0, description="torch.distributed timeout.")
     health_check_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for a worker ping.")
+    forest_attention: Literal["auto", "branches", "dense", "flex"] = Field(
+        default="auto",
+        description="Attention kernel of the forest layout: `flex` (torch flex_attention with a block mask from "
+                    "subtree_end, compiled; for GPUs), `branches` (one SDPA per branch over its ancestors; CPU), "
+                    "`dense` (SDPA with a row x row boolean mask; a reference). `auto`: flex on cuda, branches "
+                    "on cpu.",
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> RuntimeConfig:
@@ -195,6 +209,11 @@ class ServiceConfig(StrictModel):
         if n != arch.num_attributes:
             raise ValueError(f"scoring.attribute_names has {n} names; the reward head has {arch.num_attributes}")
         limit = self.max_input_tokens(arch)
+        if self.parallel.max_tokens_per_micro_batch < limit:
+            raise ValueError(
+                f"parallel.max_tokens_per_micro_batch {self.parallel.max_tokens_per_micro_batch} is below the "
+                f"per-conversation limit {limit}"
+            )
         if self.router.max_tokens_per_batch < limit:
             raise ValueError(
                 f"router.max_tokens_per_batch {self.router.max_tokens_per_batch} is below the "

@@ -4,13 +4,18 @@
 * `reward_rejected_too_long_total{route}`: inputs refused for being over the token limit;
   `reward_truncated_inputs_total{route}`: inputs scored after dropping tokens (`truncate: left`, KServe).
 * `reward_batch_tokens`: real (unpadded) tokens per model batch.
-* `reward_batch_padding_share`: share of the computed tokens that are padding, per model batch.
+* `reward_batch_computed_tokens`: tokens the engine computes per model batch (after prefix sharing, with
+  padding and prefixes repeated at micro-batch cuts).
+* `reward_batch_padding_share`: share of the computed tokens that are padding, per model batch (0 with the
+  forest layout).
+* `reward_batch_shared_token_share`: share of the requested tokens not computed because a shared prefix
+  was computed once, per model batch (0 with the padded layout).
 * `reward_batch_latency_seconds`: wall time of one model call, seen from the router.
 * `reward_batches_in_flight`: model batches sent and not yet answered.
 
-Padding is computed here from the batch's lengths with the engine's own layout function
-(`sharding.micro_batches.padded_tokens`: sort by length, cut into `parallel.micro_batch_size` sequences, pad
-each micro-batch to its longest), so it is exact without the engine reporting it.
+Computed tokens are counted here from the batch's token lists with the engine's own layout function
+(`sharding.micro_batches.computed_tokens` for `parallel.batch_layout` and `max_tokens_per_micro_batch`), so
+they are exact without the engine reporting them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Sequence
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from sharding.micro_batches import padded_tokens
+from configs.service import ParallelConfig
+from sharding.micro_batches import computed_tokens, padded_tokens
 
 TOKEN_BOUNDARIES = [64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0]
 SHARE_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
@@ -31,11 +37,20 @@ def padding_share(lengths: Sequence[int], micro_batch_size: int) -> float:
     return 1.0 - sum(lengths) / computed if computed else 0.0
 
 
+def batch_shares(token_lists: Sequence[Sequence[int]], parallel: ParallelConfig) -> tuple[int, float, float]:
+    """(computed tokens, padding share of them, share of the requested tokens saved by prefix sharing)."""
+    requested = sum(len(t) for t in token_lists)
+    computed = computed_tokens(token_lists, parallel)
+    padding = max(computed - requested, 0) / computed if computed else 0.0
+    shared = max(requested - computed, 0) / requested if requested else 0.0
+    return computed, padding, shared
+
+
 class RouterMetrics:
     """The router's metric objects; create one per replica (inside Ray)."""
 
-    def __init__(self, micro_batch_size: int):
-        self._micro_batch_size = micro_batch_size
+    def __init__(self, parallel: ParallelConfig):
+        self._parallel = parallel
         self._requests = Counter(
             "reward_requests", description="HTTP requests by route and status code.", tag_keys=("route", "status")
         )
@@ -50,6 +65,15 @@ class RouterMetrics:
         self._batch_tokens = Histogram(
             "reward_batch_tokens", description="Real (unpadded) tokens per model batch.",
             boundaries=TOKEN_BOUNDARIES,
+        )
+        self._computed_tokens = Histogram(
+            "reward_batch_computed_tokens", description="Tokens the engine computes per model batch.",
+            boundaries=TOKEN_BOUNDARIES,
+        )
+        self._shared_share = Histogram(
+            "reward_batch_shared_token_share",
+            description="Share of the requested tokens per model batch not computed thanks to shared prefixes.",
+            boundaries=SHARE_BOUNDARIES,
         )
         self._padding_share = Histogram(
             "reward_batch_padding_share", description="Padding share of the tokens computed per model batch.",
@@ -72,9 +96,12 @@ class RouterMetrics:
         if count:
             self._truncated.inc(count, tags={"route": route})
 
-    def batch_started(self, lengths: Sequence[int]) -> None:
-        self._batch_tokens.observe(float(sum(lengths)))
-        self._padding_share.observe(padding_share(lengths, self._micro_batch_size))
+    def batch_started(self, token_lists: Sequence[Sequence[int]]) -> None:
+        computed, padding, shared = batch_shares(token_lists, self._parallel)
+        self._batch_tokens.observe(float(sum(len(t) for t in token_lists)))
+        self._computed_tokens.observe(float(computed))
+        self._padding_share.observe(padding)
+        self._shared_share.observe(shared)
         self._in_flight_count += 1
         self._in_flight.set(self._in_flight_count)
 

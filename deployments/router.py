@@ -78,6 +78,7 @@ from deployments.schemas import (
     invalid_request_from_errors,
 )
 from sharding.checkpoints.formats import open_checkpoint
+from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
 
@@ -202,7 +203,7 @@ class Router:
         self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
         self._scoring = scoring_handle
-        self._metrics = RouterMetrics(self._cfg.parallel.micro_batch_size)
+        self._metrics = RouterMetrics(self._cfg.parallel)
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
         app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
         app.state.metrics = self._metrics
@@ -223,7 +224,7 @@ class Router:
 
     async def _run_model_batch(self, token_lists: list[list[int]]) -> list[np.ndarray]:
         """One model call for a token-budget batch; splits the [B, A] result back per prompt."""
-        self._metrics.batch_started([len(ids) for ids in token_lists])
+        self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
             output = await self._model.score.remote(token_lists)
@@ -245,11 +246,10 @@ class Router:
     def _validate(self, body: ScoreRequest | dict[str, Any]) -> ScoreRequest:
         request = body if isinstance(body, ScoreRequest) else ScoreRequest.model_validate(body)
         limit = self._cfg.router.max_conversations_per_request
-        if len(request.conversations) > limit:
-            raise InvalidRequestError(
-                f"conversations has {len(request.conversations)} items; the limit is {limit}",
-                param="conversations",
-            )
+        field = "responses" if request.best_of_n else "conversations"
+        count = len(request.scored_conversations)
+        if count > limit:
+            raise InvalidRequestError(f"{field} has {count} items; the limit is {limit}", param=field)
         num_attributes = len(self._cfg.scoring.attribute_names)
         if request.weights is not None and len(request.weights) != num_attributes:
             raise InvalidRequestError(
@@ -263,13 +263,14 @@ class Router:
         """Per conversation, its `(message index, prompt)` list: the last message only, or every assistant
         turn's prefix with `turns: "all"`."""
         out = []
-        for index, conversation in enumerate(request.conversations):
+        for index, conversation in enumerate(request.scored_conversations):
             kwargs = dict(max_tokens=self._limit_tokens, truncate=request.truncate, conversation_index=index)
             if request.turns == "all":
                 out.append(self._prompt.tokenize_turns(conversation.messages, **kwargs))
             else:
                 last = len(conversation.messages) - 1
-                out.append([(last, self._prompt.tokenize_conversation(conversation.messages, **kwargs))])
+                field = f"responses[{index}]" if request.best_of_n else None
+                out.append([(last, self._prompt.tokenize_conversation(conversation.messages, field=field, **kwargs))])
         return out
 
     async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
@@ -287,7 +288,9 @@ class Router:
             ]
             last = turn_results[-1].model_dump(exclude={"message_index"})
             results.append(ScoreResult(index=index, turns=turn_results if request.turns == "all" else None, **last))
-        usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts))
+        # computed_tokens: the request's prompts as one token forest (sharding/forest.py, numpy only).
+        usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts),
+                      computed_tokens=unique_tokens([prompt.token_ids for prompt in prompts]))
         return ScoreResponse(model=self._cfg.model_name, results=results, usage=usage)
 
     async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pydantic import (
     StrictStr,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -124,8 +125,21 @@ class Conversation(StrictBody):
 
 
 class ScoreRequest(StrictBody):
-    conversations: list[Conversation] = Field(
-        min_length=1, description="Conversations to score, each at its last assistant message."
+    """Either `conversations`, or the best-of-N shape `prompt` + `responses` (each response scored as the
+    prompt followed by that assistant message; one result per response, in order)."""
+
+    conversations: list[Conversation] | None = Field(
+        default=None, min_length=1,
+        description="Conversations to score, each at its last assistant message (or give prompt + responses).",
+    )
+    prompt: list[Message] | None = Field(
+        default=None, min_length=1,
+        description="Best-of-N: the messages the responses answer (optional system message first, then turns "
+        "ending with a user message); computed once for all responses.",
+    )
+    responses: list[StrictStr] | None = Field(
+        default=None, min_length=1,
+        description="Best-of-N: candidate assistant replies to `prompt`; one result per response, in order.",
     )
     weights: list[FiniteFloat] | None = Field(
         default=None,
@@ -140,6 +154,42 @@ class ScoreRequest(StrictBody):
         description="`last` scores each conversation at its last message; `all` also scores every assistant "
         "turn on its own prefix (the conversation up to that turn), returned as `turns`.",
     )
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ScoreRequest:
+        best_of_n = self.prompt is not None or self.responses is not None
+        if best_of_n and self.conversations is not None:
+            raise PydanticCustomError("request_shape", "give either conversations or prompt + responses, not both")
+        if not best_of_n and self.conversations is None:
+            raise PydanticCustomError("missing", "Field required (or give prompt + responses)",
+                                      {SUB_LOC_KEY: ("conversations",)})
+        if best_of_n:
+            if self.prompt is None or self.responses is None:
+                raise PydanticCustomError("request_shape", "prompt and responses go together")
+            if self.prompt[-1].role != "user":
+                raise PydanticCustomError(
+                    "prompt_not_user", "the prompt must end with a user message, not '{role}'",
+                    {"role": self.prompt[-1].role, SUB_LOC_KEY: ("prompt", len(self.prompt) - 1, "role")})
+            for index, response in enumerate(self.responses):
+                if not response:
+                    raise PydanticCustomError("empty_response", "a response must not be empty",
+                                              {SUB_LOC_KEY: ("responses", index)})
+            for index, message in enumerate(self.prompt):
+                if message.role == "system" and index > 0:
+                    raise PydanticCustomError("system_not_first", "a system message is only allowed as the first "
+                                              "message", {SUB_LOC_KEY: ("prompt", index, "role")})
+        return self
+
+    @property
+    def best_of_n(self) -> bool:
+        return self.responses is not None
+
+    @property
+    def scored_conversations(self) -> list[Conversation]:
+        """What is scored, in result order: the conversations, or the prompt + each response."""
+        if self.conversations is not None:
+            return self.conversations
+        return [Conversation(messages=[*self.prompt, Message(role="assistant", content=r)]) for r in self.responses]
 
 
 class TurnResult(StrictBody):
@@ -172,11 +222,16 @@ class ScoreResult(StrictBody):
 
 class Usage(StrictBody):
     prompt_tokens: StrictInt = Field(description="Tokens scored over all prompts (conversations or turns).")
+    computed_tokens: StrictInt = Field(
+        description="Unique tokens of those prompts: a prefix shared by several prompts of the request (a "
+        "best-of-N prompt, earlier turns with `turns: \"all\"`, repeated conversations) counts once; what the "
+        "model computes for this request when it is batched alone.")
 
 
 class ScoreResponse(StrictBody):
     model: str = Field(description="Name of the served model.")
-    results: list[ScoreResult] = Field(description="One result per conversation, in request order.")
+    results: list[ScoreResult] = Field(
+        description="One result per conversation (or per response of a best-of-N request), in request order.")
     usage: Usage = Field(description="Token accounting.")
 
 

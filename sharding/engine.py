@@ -1,9 +1,10 @@
 """MegatronEngine: the RewardEngine that runs the model in worker actors inside a placement group.
 
-The engine owns the batch layout: it sorts a batch by length, cuts it into micro-batches of
-`parallel.micro_batch_size` sequences, right-pads each to its own longest sequence (padding is the big
-lever on throughput), sends the micro-batches to every rank and returns the last stage's rewards in the
-caller's order. Forwards are serialized (one at a time) so collectives from two batches never interleave.
+The engine owns the batch layout (`parallel.batch_layout`, `sharding.micro_batches`): token-forest rows
+(shared prefixes computed once, no padding) or length-sorted right-padded micro-batches, each within
+`parallel.max_tokens_per_micro_batch` tokens. It sends the micro-batches (token ids, positions, masks'
+metadata) to every rank through the object store and returns the last stage's rewards in the caller's
+order. Forwards are serialized (one at a time) so collectives from two batches never interleave.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from configs.service import ServiceConfig
 from sharding.checkpoints.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import EngineUnavailableError
-from sharding.micro_batches import make_micro_batches
+from sharding.micro_batches import plan_micro_batches
 from sharding.worker import ModelWorker
 
 
@@ -63,7 +64,7 @@ class MegatronEngine:
     async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
         if self._broken:
             raise EngineUnavailableError(self._broken)
-        micro_batches, order = make_micro_batches(token_batch, self.config.parallel.micro_batch_size)
+        micro_batches, order = plan_micro_batches(token_batch, self.config.parallel)
         async with self._lock:
             ref = ray.put(micro_batches)
             futures = [asyncio.ensure_future(_as_future(w.forward.remote(ref))) for w in self.workers]

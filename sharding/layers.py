@@ -8,8 +8,18 @@
 * `SDPACoreAttention`: core attention on `torch.nn.functional.scaled_dot_product_attention` with a causal
   mask. It replaces megatron's `DotProductAttention`, which builds its mask on CUDA and forks a CUDA RNG for
   dropout, and it is the fast path on GPU (on one H100, bf16, a 15B-like shape: 56% MFU against 30% with
-  megatron's unfused attention). Right padding + causal attention means
-  pads never influence the positions that are scored.
+  megatron's unfused attention). Right padding + causal attention means pads never influence
+  the positions that are scored. With a `ForestMask` as the attention mask it computes the token-forest
+  mask instead (`sharding.forest`: query q attends key k iff k <= q <= subtree_end[k]).
+* `ForestMask`: that mask for one packed row, built once per micro-batch on each stage from the row's
+  numpy metadata, with one of three kernels (`runtime.forest_attention`):
+  - `flex`: `torch.nn.attention.flex_attention` with a block mask from `subtree_end`; block sparsity skips
+    the all-masked blocks (other tries, other branches). Compiled with `torch.compile` on CUDA (eager
+    flex attention materializes the scores); runs eagerly on CPU (tests).
+  - `branches`: one SDPA call per branch (the nodes one sequence adds) over the keys it may see (its
+    ancestors, then itself, bottom-right causal): the attention work of scoring each sequence alone
+    minus its shared prefix. The CPU path.
+  - `dense`: SDPA with the row x row boolean mask; quadratic in the row, a reference.
 """
 
 from __future__ import annotations
@@ -18,6 +28,71 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sharding.forest import ForestRow
+
+_compiled_flex_attention = None
+
+
+def _flex_attention(device: torch.device):
+    """flex_attention, compiled once per process on CUDA (dynamic shapes: every row has its own length)."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex_attention
+
+
+class ForestMask:
+    """The forest attention of one packed row (batch 1), for every layer of one stage."""
+
+    def __init__(self, row: ForestRow, kernel: str, device: torch.device):
+        self.kernel = kernel
+        n = row.num_tokens
+        if kernel == "dense":
+            self.allowed = torch.from_numpy(row.allowed()).to(device)
+        elif kernel == "branches":
+            keys = torch.from_numpy(row.branch_keys).to(device)
+            self.branches = []
+            for j in range(len(row.branch_starts) - 1):
+                q0, q1 = int(row.branch_starts[j]), int(row.branch_starts[j + 1])
+                k0, k1 = int(row.branch_key_starts[j]), int(row.branch_key_starts[j + 1])
+                shared = (k1 - k0) - (q1 - q0)  # ancestors outside this branch
+                # bottom-right causal: query i sees keys [0, shared + i]
+                mask = None if shared == 0 else (
+                    torch.arange(k1 - k0, device=device)[None, :]
+                    <= shared + torch.arange(q1 - q0, device=device)[:, None])
+                self.branches.append((q0, q1, keys[k0:k1], mask))
+        elif kernel == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            subtree_end = torch.from_numpy(row.subtree_end).to(device)
+
+            def mask_mod(b, h, q, kv):
+                return (kv <= q) & (q <= subtree_end[kv])
+
+            self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device,
+                                                _compile=device.type == "cuda")
+            self.flex = _flex_attention(device)
+        else:
+            raise ValueError(f"unknown forest attention kernel {kernel!r}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q [1, heads, n, d], k/v [1, groups, n, d] -> [1, heads, n, d]."""
+        gqa = k.shape[1] != q.shape[1]
+        if self.kernel == "dense":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed, scale=scale, enable_gqa=gqa)
+        if self.kernel == "flex":
+            return self.flex(q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=gqa)
+        out = torch.empty_like(q)
+        for q0, q1, keys, mask in self.branches:
+            out[:, :, q0:q1] = F.scaled_dot_product_attention(
+                q[:, :, q0:q1], k[:, :, keys], v[:, :, keys], attn_mask=mask, is_causal=mask is None,
+                scale=scale, enable_gqa=gqa)
+        return out
 
 
 class Norm(torch.nn.Module):
@@ -57,6 +132,9 @@ class SDPACoreAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
+        if isinstance(attention_mask, ForestMask):
+            out = attention_mask.attend(q, k, v, self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
         )

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from configs.service import RuntimeConfig
+from configs.service import ParallelConfig, RuntimeConfig
 from sharding.checkpoints.formats import load_checkpoint_into, open_checkpoint
-from sharding.model import build_stage_model
+from sharding.micro_batches import plan_micro_batches
+from sharding.model import build_stage_model, micro_batch_inputs
 from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
 
@@ -41,6 +42,19 @@ class LocalScorer:
             tokens[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
         with torch.no_grad():
             return self.model(tokens.to(self.device), lengths.to(self.device)).float().cpu().numpy()
+
+    def score_micro_batches(self, token_batch: Sequence[Sequence[int]], parallel: ParallelConfig) -> np.ndarray:
+        """float32 [B, num_attributes] through the engine's layout (`parallel.batch_layout`, its token
+        budget) at one rank: the micro-batches the engine would send, forwarded here in turn."""
+        micro_batches, order = plan_micro_batches(token_batch, parallel)
+        with torch.no_grad():
+            outputs = []
+            for micro_batch in micro_batches:
+                ids, kwargs, _ = micro_batch_inputs(micro_batch, self.runtime, self.device, first_stage=True)
+                outputs.append(self.model(ids, **kwargs))
+        rewards = np.empty((len(order), outputs[0].shape[1]), dtype=np.float32)
+        rewards[order] = torch.cat(outputs).float().cpu().numpy()
+        return rewards
 
     def close(self) -> None:
         destroy_model_parallel()

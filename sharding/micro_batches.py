@@ -1,6 +1,11 @@
-"""The engine's batch layout, numpy only (no torch, no Ray): a batch is sorted by length, cut into
-micro-batches of `micro_batch_size` sequences, and each micro-batch right-padded to its own longest
-sequence. The router's padding metric and the benchmarks count padding with the same layout."""
+"""The engine's batch layouts, numpy only (no torch, no Ray), chosen by `parallel.batch_layout`:
+
+* `forest` (`sharding.forest`): prefix tries packed into rows of at most `max_tokens_per_micro_batch`
+  nodes; shared prefixes are computed once and nothing is padded.
+* `padded`: the batch sorted by length (longest first) and cut into micro-batches of as many sequences as
+  fit `max_tokens_per_micro_batch` once right-padded to their longest; each micro-batch is right-padded.
+
+The router's metrics and the benchmarks count computed tokens with the same functions."""
 
 from __future__ import annotations
 
@@ -8,33 +13,91 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from configs.service import ParallelConfig
+from sharding.forest import ForestRow, build_forest
+
 MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded), lengths int64 [b]
 
 
 def micro_batch_groups(lengths: Sequence[int], micro_batch_size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Indices of each micro-batch (longest sequences first) and the length-sorting permutation."""
+    """Indices of each micro-batch of `micro_batch_size` sequences (longest first) and the length-sorting
+    permutation."""
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)], order
 
 
-def make_micro_batches(token_batch: Sequence[Sequence[int]], micro_batch_size: int,
-                       pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
-    """Length-sorted, right-padded micro-batches and the permutation that produced them."""
+def budget_groups(lengths: Sequence[int], max_tokens_per_micro_batch: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Indices of each padded micro-batch under a token budget (count x longest <= budget, longest first)
+    and the length-sorting permutation."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens_per_micro_batch:
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return [np.array(g, dtype=np.int64) for g in groups], order
+
+
+def _padded(token_batch: Sequence[Sequence[int]], groups: list[np.ndarray], pad_id: int) -> list[MicroBatch]:
     lengths = np.array([len(t) for t in token_batch], dtype=np.int64)
-    if len(lengths) == 0 or lengths.min() < 1:
-        raise ValueError("every sequence needs at least one token")
-    groups, order = micro_batch_groups(lengths, micro_batch_size)
     micro_batches: list[MicroBatch] = []
     for idx in groups:
         tokens = np.full((len(idx), int(lengths[idx].max())), pad_id, dtype=np.int64)
         for row, i in enumerate(idx):
             tokens[row, : lengths[i]] = token_batch[i]
         micro_batches.append((tokens, lengths[idx]))
-    return micro_batches, order
+    return micro_batches
+
+
+def _check_lengths(token_batch: Sequence[Sequence[int]]) -> np.ndarray:
+    lengths = np.array([len(t) for t in token_batch], dtype=np.int64)
+    if len(lengths) == 0 or lengths.min() < 1:
+        raise ValueError("every sequence needs at least one token")
+    return lengths
+
+
+def make_micro_batches(token_batch: Sequence[Sequence[int]], micro_batch_size: int,
+                       pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
+    """Length-sorted, right-padded micro-batches of `micro_batch_size` sequences and their permutation."""
+    groups, order = micro_batch_groups(_check_lengths(token_batch), micro_batch_size)
+    return _padded(token_batch, groups, pad_id), order
+
+
+def make_padded_micro_batches(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batch: int,
+                              pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
+    """Length-sorted, right-padded micro-batches under a token budget and the order of their rows."""
+    lengths = _check_lengths(token_batch)
+    if lengths.max() > max_tokens_per_micro_batch:
+        raise ValueError(f"a sequence has {lengths.max()} tokens; max_tokens_per_micro_batch is "
+                         f"{max_tokens_per_micro_batch}")
+    groups, _ = budget_groups(lengths, max_tokens_per_micro_batch)
+    return _padded(token_batch, groups, pad_id), np.concatenate(groups)
+
+
+def plan_micro_batches(token_batch: Sequence[Sequence[int]], parallel: ParallelConfig
+                       ) -> tuple[list[MicroBatch] | list[ForestRow], np.ndarray]:
+    """The engine's micro-batches for `parallel.batch_layout` and `order`: output row r is the sequence
+    `order[r]` of the batch (rows of all micro-batches concatenated)."""
+    if parallel.batch_layout == "forest":
+        forest = build_forest(token_batch, parallel.max_tokens_per_micro_batch)
+        return forest.rows, forest.order
+    return make_padded_micro_batches(token_batch, parallel.max_tokens_per_micro_batch)
 
 
 def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
-    """Tokens the engine computes for one batch with this layout (real tokens plus padding)."""
+    """Tokens computed for one batch in micro-batches of `micro_batch_size` (real tokens plus padding)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     groups, _ = micro_batch_groups(lengths, micro_batch_size)
+    return int(sum(lengths[idx].max() * len(idx) for idx in groups))
+
+
+def computed_tokens(token_batch: Sequence[Sequence[int]], parallel: ParallelConfig) -> int:
+    """Tokens the engine computes for one batch with the configured layout (padding and repeated prefixes
+    included)."""
+    if parallel.batch_layout == "forest":
+        return build_forest(token_batch, parallel.max_tokens_per_micro_batch).computed_tokens
+    lengths = _check_lengths(token_batch)
+    groups, _ = budget_groups(lengths, parallel.max_tokens_per_micro_batch)
     return int(sum(lengths[idx].max() * len(idx) for idx in groups))

@@ -3,9 +3,18 @@
 A pipeline stage builds only its layers: the embedding on the first stage, the final layernorm and the
 reward head (`rm_head`, row-parallel hidden -> num_attributes) on the last. The LM `output_layer` is never
 built (the released checkpoint stores one; a reward model never reads it).
+
+Two input layouts (`sharding.micro_batches`): right-padded `[b, s]` token ids with lengths (positions
+0..s-1, causal attention, readout at `length - 1`), or one packed token-forest row (`ForestInputs`: per-token
+position ids, the forest mask, readout node indices). megatron-core's `GPTModel.forward` ignores
+`position_ids` for RoPE (it builds the rotary table for 0..s-1), so the forest path runs the embedding
+and the decoder itself with the rotary table gathered at each token's position id: `[s, b, 1, d]`, which
+megatron's unfused `apply_rotary_pos_emb` broadcasts over the heads like its own `[s, 1, 1, d]`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
@@ -17,11 +26,47 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from configs.model import ModelArchConfig
 from configs.service import RuntimeConfig
-from sharding.layers import Norm, SDPACoreAttention
+from sharding.forest import ForestRow
+from sharding.layers import ForestMask, Norm, SDPACoreAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {"squared-relu": squared_relu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu,
                "swiglu": torch.nn.functional.silu}
+
+
+@dataclass
+class ForestInputs:
+    """One forest row on a device: what every stage needs besides the hidden states."""
+
+    position_ids: torch.Tensor  # int64 [1, n]
+    mask: ForestMask
+    readout: torch.Tensor  # int64 [k]: node index of each scored sequence
+
+    @classmethod
+    def from_row(cls, row: ForestRow, runtime: RuntimeConfig, device: torch.device) -> ForestInputs:
+        return cls(
+            position_ids=torch.from_numpy(row.positions).view(1, -1).to(device),
+            mask=ForestMask(row, forest_kernel(runtime), device),
+            readout=torch.from_numpy(row.readout).to(device),
+        )
+
+
+def forest_kernel(runtime: RuntimeConfig) -> str:
+    if runtime.forest_attention != "auto":
+        return runtime.forest_attention
+    return "flex" if runtime.device == "cuda" else "branches"
+
+
+def micro_batch_inputs(micro_batch, runtime: RuntimeConfig, device: torch.device, first_stage: bool
+                       ) -> tuple[torch.Tensor | None, dict, tuple[int, int]]:
+    """(input ids on the first stage else None, model kwargs, (seq, batch) of the hidden states) of one
+    micro-batch: a ForestRow or a padded `(tokens [b, s], lengths [b])`."""
+    if isinstance(micro_batch, ForestRow):
+        ids = torch.from_numpy(micro_batch.tokens).view(1, -1).to(device) if first_stage else None
+        return ids, {"forest": ForestInputs.from_row(micro_batch, runtime, device)}, (micro_batch.num_tokens, 1)
+    tokens, lengths = micro_batch
+    ids = torch.from_numpy(tokens).to(device) if first_stage else None
+    return ids, {"lengths": torch.from_numpy(lengths).to(device)}, (tokens.shape[1], tokens.shape[0])
 
 
 def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int) -> TransformerConfig:
@@ -104,9 +149,13 @@ class RewardGPTModel(GPTModel):
                 skip_bias_add=False,
             )
 
-    def forward(self, input_ids: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, S] (first stage; None elsewhere, the input tensor is set by the pipeline) ->
-        hidden states [S, B, H] on inner stages, float32 rewards [B, num_attributes] on the last."""
+    def forward(self, input_ids: torch.Tensor | None, lengths: torch.Tensor | None = None, *,
+                forest: ForestInputs | None = None) -> torch.Tensor:
+        """input_ids [B, S] (first stage; None elsewhere, the input tensor is set by the pipeline) with
+        `lengths` [B] (padded) or `forest` (B = 1, one packed row) -> hidden states [S, B, H] on inner
+        stages, float32 rewards [sequences, num_attributes] on the last."""
+        if forest is not None:
+            return self._forward_forest(input_ids, forest)
         if input_ids is not None:
             seq = input_ids.shape[1]
             position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
@@ -118,6 +167,21 @@ class RewardGPTModel(GPTModel):
         last = hidden[lengths - 1, torch.arange(hidden.shape[1], device=hidden.device)]
         rewards, _ = self.rm_head(last.float())
         return rewards
+
+    def _forward_forest(self, input_ids: torch.Tensor | None, forest: ForestInputs) -> torch.Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=forest.position_ids)
+        # The table megatron builds for positions 0..max-1 ([max, 1, 1, d]), gathered per token: [s, b, 1, d].
+        table = self.rotary_pos_emb(self.max_sequence_length)
+        rotary = table[:, 0][forest.position_ids.transpose(0, 1)]
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=forest.mask, rotary_pos_emb=rotary)
+        if not self.is_last_stage:
+            return hidden
+        # One head call per scored sequence: the [1, H] x [H, A] product it gets when scored alone (a
+        # [k, H] product rounds differently with k on CPU BLAS), so the head adds no dependence on batch mates.
+        last = hidden[forest.readout, 0].float()
+        return torch.cat([self.rm_head(last[i:i + 1])[0] for i in range(last.shape[0])])
 
 
 def build_stage_model(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int, pp_rank: int) -> RewardGPTModel:

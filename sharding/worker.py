@@ -15,6 +15,7 @@ import ray
 
 from configs.model import ModelArchConfig
 from configs.service import ParallelConfig, RuntimeConfig
+from sharding.forest import ForestRow
 from sharding.micro_batches import MicroBatch
 
 
@@ -66,12 +67,14 @@ class ModelWorker:
             raise RuntimeError(f"rank {self.rank} is not set up")
         return self.rank
 
-    def forward(self, micro_batches: list[MicroBatch]) -> np.ndarray | None:
+    def forward(self, micro_batches: list[MicroBatch] | list[ForestRow]) -> np.ndarray | None:
+        """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
+        builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
         import torch
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        from sharding.model import DTYPES
+        from sharding.model import DTYPES, micro_batch_inputs
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
         first = parallel_state.is_pipeline_first_stage()
@@ -80,14 +83,13 @@ class ModelWorker:
         outputs: list[torch.Tensor] = []
         sends = []
         with torch.no_grad():
-            for tokens, lengths in micro_batches:
-                lens = torch.from_numpy(lengths).to(device)
-                ids = torch.from_numpy(tokens).to(device) if first else None
+            for micro_batch in micro_batches:
+                ids, kwargs, (seq, batch) = micro_batch_inputs(micro_batch, self.runtime, device, first)
                 if not first:
-                    hidden = torch.empty((tokens.shape[1], tokens.shape[0], self.arch.hidden_size), dtype=dtype, device=device)
+                    hidden = torch.empty((seq, batch, self.arch.hidden_size), dtype=dtype, device=device)
                     dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
                     self.model.set_input_tensor(hidden)
-                out = self.model(ids, lens)
+                out = self.model(ids, **kwargs)
                 if not last:
                     out = out.contiguous()  # kept referenced in `sends` until the send completes
                     sends.append((out, dist.isend(out, dst=parallel_state.get_pipeline_model_parallel_next_rank())))

@@ -72,10 +72,9 @@ def service_args(checkpoint: Path, **overrides) -> dict:
     args = {
         "checkpoint_path": str(checkpoint),
         "model_name": "demo",
-        # micro_batch_size 1, as configs/local.yaml on CPU: each sequence is computed at its own shape, so its
-        # scores are bitwise independent of its batch mates (padded micro-batches are covered by the
-        # TP x PP engine tests, which compare micro-batches of 2 against one padded reference batch).
-        "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "micro_batch_size": 1},
+        # The forest layout, as configs/local.yaml (tests/integration/test_forest.py checks it against
+        # each sequence scored alone; the padded layout is checked there too).
+        "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_tokens_per_micro_batch": 8192},
         "runtime": {"device": "cpu", "dtype": "float32", "backend": "gloo", "cpus_per_worker": 0.5},
         "router": {"max_tokens_per_batch": 8192, "batch_wait_timeout_s": 0.05, "max_conversations_per_request": 32},
     }

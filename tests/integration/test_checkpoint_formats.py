@@ -147,7 +147,7 @@ def test_engine_tp2_packed_release_layout(ray_cluster, checkpoints, reference_sc
     """Worker actors load a packed .nemo (zarr inside) by path, each reading its slice from the archive."""
     config = ServiceConfig.model_validate(service_args(
         checkpoints["zarr/model./tar"],
-        parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "micro_batch_size": 2},
+        parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "max_tokens_per_micro_batch": 4096},
         runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5},
     ))
     np.testing.assert_allclose(_engine_scores(config), reference_scores, atol=TOL, rtol=0)

@@ -57,7 +57,8 @@ def test_sharded_llama_matches_transformers(ray_cluster, hf_models, tp, pp):
 
     path, model = hf_models["llama-seqcls"]
     config = ServiceConfig.model_validate(service_args(
-        path, parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "micro_batch_size": 2},
+        path, parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "batch_layout": "padded",
+                          "max_tokens_per_micro_batch": 4096},
         runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5}, router={"max_input_tokens": 4096},
     ))
     batch = hf_token_batch(path)

@@ -36,10 +36,10 @@ def token_batch(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>") for p in PROMPTS]
 
 
-def parallel_config(checkpoint, tp: int, pp: int, micro_batch_size: int = 2) -> dict:
+def parallel_config(checkpoint, tp: int, pp: int, **parallel) -> dict:
     return service_args(
         checkpoint,
-        parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "micro_batch_size": micro_batch_size},
+        parallel={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, **parallel},
         runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5},
     )
 
@@ -60,7 +60,10 @@ def assert_stages_on_distinct_nodes(workers: list[dict], pg_id: str, pp: int) ->
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2pp1", "tp1pp2", "tp2pp2"])
 def test_engine_matches_single_process(ray_cluster, demo_checkpoint, reference_scorer, token_batch, tp, pp):
-    config = ServiceConfig.model_validate(parallel_config(demo_checkpoint, tp, pp))
+    # Padded micro-batches of two longest sequences (the forest layout: tests/integration/test_forest.py).
+    budget = 2 * max(len(t) for t in token_batch)
+    config = ServiceConfig.model_validate(parallel_config(demo_checkpoint, tp, pp, batch_layout="padded",
+                                                         max_tokens_per_micro_batch=budget))
     placements = []
     rewards = score_with_engine(config, token_batch, inspect=lambda engine: placements.append(
         (engine.describe(), engine.describe()[0]["placement_group_id"])))

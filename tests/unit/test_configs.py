@@ -236,7 +236,8 @@ def test_nemotron_splits():
 
 
 @pytest.mark.parametrize("field,value", [("tensor_parallel_size", 0), ("pipeline_parallel_size", 0),
-                                         ("micro_batch_size", 0), ("placement_strategy", "RANDOM")])
+                                         ("max_tokens_per_micro_batch", 0), ("batch_layout", "sorted"),
+                                         ("placement_strategy", "RANDOM")])
 def test_parallel_field_bounds(field, value):
     with pytest.raises(ValidationError, match=field):
         ParallelConfig(**{field: value})
@@ -324,6 +325,15 @@ def test_max_tokens_per_batch_below_per_conversation_limit():
     config = ServiceConfig(checkpoint_path="/x", router={"max_tokens_per_batch": 2048, "max_input_tokens": 1024})
     config.check_against(a)
     assert config.max_input_tokens(a) == 1024
+
+
+def test_micro_batch_budget_below_per_conversation_limit():
+    a = arch(max_position_embeddings=4096)
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch 4000 is below the per-conversation limit 4096"):
+        ServiceConfig(checkpoint_path="/x", parallel={"max_tokens_per_micro_batch": 4000}).check_against(a)
+    ServiceConfig(checkpoint_path="/x", parallel={"max_tokens_per_micro_batch": 4096}).check_against(a)
+    ServiceConfig(checkpoint_path="/x", parallel={"max_tokens_per_micro_batch": 1024},
+                  router={"max_input_tokens": 1024}).check_against(a)
 
 
 def test_max_input_tokens_above_model_context():

@@ -86,6 +86,33 @@ def test_response_model_round_trip():
         "model": "m",
         "results": [{"index": 0, "score": 1.5, "attributes": {"helpfulness": 2.0}, "num_tokens": 12,
                      "truncated": False}],
-        "usage": {"prompt_tokens": 12},
+        "usage": {"prompt_tokens": 12, "computed_tokens": 12},
     }
     assert ScoreResponse.model_validate(payload).model_dump(mode="json") == payload
+
+
+def test_best_of_n_request():
+    request = ScoreRequest.model_validate({"prompt": [SYSTEM, USER], "responses": ["A.", "B.", "A."]})
+    assert request.best_of_n and request.conversations is None
+    conversations = request.scored_conversations
+    assert [c.messages[-1].content for c in conversations] == ["A.", "B.", "A."]
+    assert all(c.messages[:2] == request.prompt and c.messages[-1].role == "assistant" for c in conversations)
+    assert not ScoreRequest.model_validate(body(USER, ASSISTANT)).best_of_n
+
+
+@pytest.mark.parametrize(
+    ("payload", "param", "fragment"),
+    [
+        ({"prompt": [USER, ASSISTANT], "responses": ["x"]}, "prompt[1].role", "must end with a user message"),
+        ({"prompt": [USER, SYSTEM, USER], "responses": ["x"]}, "prompt[1].role", "system message is only allowed"),
+        ({"prompt": [USER], "responses": ["x", ""]}, "responses[1]", "must not be empty"),
+        ({"prompt": [USER], "responses": []}, "responses", "at least 1"),
+        ({"prompt": [USER]}, None, "prompt and responses go together"),
+        ({**body(USER, ASSISTANT), "prompt": [USER], "responses": ["x"]}, None, "not both"),
+        ({"prompt": [USER], "responses": [3]}, "responses[0]", "valid string"),
+    ],
+)
+def test_bad_best_of_n_names_the_field(payload, param, fragment):
+    error = rejected(payload)
+    assert error.param == param
+    assert fragment in error.message
