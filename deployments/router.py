@@ -147,6 +147,19 @@ async def _request_middleware(request: Request, call_next):
     return response
 
 
+@app.middleware("http")
+async def _drain_middleware(request: Request, call_next):
+    """Counts the HTTP requests in flight; once `Router.drain` was called, new ones get a 503."""
+    state = request.app.state
+    if getattr(state, "draining", False):
+        return _error_response(ServiceUnavailableError("the service is shutting down"))
+    state.in_flight = getattr(state, "in_flight", 0) + 1
+    try:
+        return await call_next(request)
+    finally:
+        state.in_flight -= 1
+
+
 def _route_name(request: Request) -> str:
     route = request.scope.get("route")
     return getattr(route, "path", None) or "unmatched"
@@ -382,6 +395,15 @@ class Router:
     @app.get("/health")
     async def health(self) -> Any:
         return await self._ready_or_503({"status": "ok"})
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuses new HTTP requests (503) and waits, at most `timeout_s`, until those in flight have their
+        answers; returns how many are still in flight. Graceful stop: drain, then shut Serve down."""
+        app.state.draining = True
+        deadline = time.monotonic() + timeout_s
+        while getattr(app.state, "in_flight", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return getattr(app.state, "in_flight", 0)
 
     # --- readiness: the model replica answers its health check (every worker pinged) ----------------------
 
