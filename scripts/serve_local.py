@@ -1,5 +1,8 @@
 """Runs a Serve config file on a new local Ray instance, like `serve run CONFIG`, and stops gracefully.
 
+An application that fails to deploy (`serve_app.build_app` refuses a checkpoint it cannot serve, naming the
+reason) ends the run: the reason is printed and the exit status is 1. `serve run` would keep running.
+
 On SIGINT (Ctrl-C) or SIGTERM it first drains: the Router refuses new requests with 503 and waits until
 the requests in flight have their answers, at most the Router's `graceful_shutdown_timeout_s` (Serve's
 default, 20 s, unless the config overrides it); only then does it shut Serve and Ray down. `serve run`
@@ -18,7 +21,7 @@ from pathlib import Path
 import ray
 import yaml
 from ray import serve
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 ROUTER = "Router"
 SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
@@ -42,7 +45,15 @@ def main(config_path: str) -> int:
     # the config's deployment overrides (user_config included).
     serve.context._get_global_client().deploy_apps(config, _blocking=False)
     print(f"deployed {[app.name for app in config.applications]} from {config_path}; Ctrl-C stops", flush=True)
-    stop.wait()
+    while not stop.wait(1.0):
+        failed = {name: app.message for name, app in serve.status().applications.items()
+                  if app.status == ApplicationStatus.DEPLOY_FAILED}
+        if failed:
+            for name, message in failed.items():
+                print(f"app {name} failed to deploy:\n{message}", file=sys.stderr, flush=True)
+            serve.shutdown()
+            ray.shutdown()
+            return 1
     print("stopping: draining the requests in flight", flush=True)
     for app in config.applications:
         try:

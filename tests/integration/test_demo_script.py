@@ -181,3 +181,23 @@ def test_sigterm_stops_the_script_after_draining(demo_checkpoint, tmp_path, scri
     finally:
         _kill_session(process.pid)
         os.close(read_fd)
+
+
+def test_a_checkpoint_it_cannot_serve_ends_the_script_with_the_reason(demo_checkpoint, tmp_path, script_env):
+    """build_app refuses the checkpoint (weights shaped unlike its model_config.yaml): the script exits 1 and
+    prints the reason instead of retrying a replica forever."""
+    import shutil
+
+    broken = Path(shutil.copytree(demo_checkpoint, tmp_path / "broken"))
+    config_path = broken / "model_config.yaml"
+    model_config = yaml.safe_load(config_path.read_text())
+    model_config["num_layers"] = 2  # the weights hold 4
+    config_path.write_text(yaml.safe_dump(model_config))
+    (port,) = _free_ports(1)
+    config = _config(tmp_path / "serve.yaml", broken, port)
+    process = subprocess.run(["bash", "scripts/serve_local.sh", str(VENV), str(config)], cwd=REPO, env=script_env,
+                             capture_output=True, text=True, timeout=READY_TIMEOUT_S, start_new_session=True)
+    output = process.stdout + process.stderr
+    assert process.returncode == 1, output[-3000:]
+    assert "failed to deploy" in output
+    assert "has shape [4, 384, 256], the model expects [2, 384, 256]" in output
