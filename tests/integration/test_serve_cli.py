@@ -205,3 +205,44 @@ def test_deploy_status_shutdown_twice_with_token_auth_and_live_weights(demo_chec
         assert cluster.app_status() == {}
     finally:
         cluster.stop()
+
+
+def test_serve_run_twice_in_a_fresh_home_with_token_auth(demo_checkpoint, tmp_path):
+    """`serve run CONFIG` as README shows it, on a new local Ray instance, with the documented token-auth
+    setting, two times in a row: each comes up and scores, and each stops on Ctrl-C (SIGINT)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO),
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    (port,) = _free_ports(1)
+    config = _write_config(tmp_path / "serve.yaml", demo_checkpoint, port, list(DEFAULT_WEIGHTS))
+    url = f"http://127.0.0.1:{port}"
+    scores = []
+    for _ in range(2):
+        log = (tmp_path / f"serve_run_{len(scores)}.log").open("wb")
+        process = subprocess.Popen(["serve", "run", "--address", "local", str(config)], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+            while True:
+                assert process.poll() is None, "serve run exited"
+                assert time.monotonic() < deadline, "serve run did not become ready"
+                try:
+                    if httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+            scores.append(_score(url)["score"])
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=90)
+        finally:
+            for pid in _pids_in_session(process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            log.close()
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
