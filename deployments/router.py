@@ -52,6 +52,7 @@ from deployments.metrics import RouterMetrics
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
 from deployments.chat_template import prompt_format_for
 from deployments.prompt import TokenizedPrompt
+from deployments.readiness import ModelReadiness
 from deployments.schemas import (
     ScoreRequest,
     ScoreResponse,
@@ -69,8 +70,6 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID_HEADER = "x-request-id"
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions"})
 MAX_REQUEST_ID_CHARS = 128
-READINESS_TIMEOUT_S = 5.0  # a model replica that cannot answer its health check this fast is not ready
-READINESS_CACHE_S = 1.0  # probes within this long of the last answer share it
 _UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
 app = FastAPI(title="Reward scoring service")
@@ -188,7 +187,7 @@ class Router:
         budget_tokens = self._cfg.router.max_tokens_per_batch
         self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
-        self._readiness: tuple[float, str | None] | None = None  # (monotonic time, why not ready or None)
+        self._readiness = ModelReadiness(model_handle)
         self._scoring = scoring_handle
         self._metrics = RouterMetrics(self._cfg.parallel.micro_batch_size)
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
@@ -405,27 +404,10 @@ class Router:
             await asyncio.sleep(0.05)
         return getattr(app.state, "in_flight", 0)
 
-    # --- readiness: the model replica answers its health check (every worker pinged) ----------------------
-
     async def _ready_or_503(self, body: dict[str, Any]) -> Any:
-        """`body` when the model is ready; a 503 in the error shape while it loads or is broken."""
-        reason = await self._model_not_ready()
+        """`body` when the model is ready (`deployments.readiness`); a 503 in the error shape while it loads
+        or is broken."""
+        reason = await self._readiness.not_ready()
         if reason is None:
             return body
         return _error_response(ServiceUnavailableError(f"the model is not ready: {reason}"))
-
-    async def _model_not_ready(self) -> str | None:
-        """None when the model deployment's `check_health` passes within READINESS_TIMEOUT_S, else why not.
-        No running replica (still loading, being replaced) times out; a dead worker fails the check."""
-        now = time.monotonic()
-        if self._readiness is not None and now - self._readiness[0] < READINESS_CACHE_S:
-            return self._readiness[1]
-        try:
-            await asyncio.wait_for(self._model.check_health.remote(), timeout=READINESS_TIMEOUT_S)
-            reason = None
-        except asyncio.TimeoutError:
-            reason = f"no model replica answered its health check within {READINESS_TIMEOUT_S:g} s (loading?)"
-        except Exception as exc:  # the check's own error (a dead worker) or the replica's death
-            reason = str(exc).strip().splitlines()[-1] or type(exc).__name__
-        self._readiness = (time.monotonic(), reason)
-        return reason

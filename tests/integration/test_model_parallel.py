@@ -125,8 +125,10 @@ def test_killed_worker_gives_503_then_recovers(tp2pp2_app, reference_scorer, tok
     assert statuses[0] == 503, statuses[:5]
     assert statuses[-1] == 200, f"no recovery within the deadline: {statuses[-5:]}"
     assert ready_statuses[0] == 503, ready_statuses[:5]
-    time.sleep(1.5)  # past the router's readiness cache
-    assert httpx.get(f"{tp2pp2_app}/health").status_code == 200
+    deadline = time.monotonic() + 60  # readiness follows once the new replica answers its health check
+    while (health := httpx.get(f"{tp2pp2_app}/health", timeout=30)).status_code != 200:
+        assert time.monotonic() < deadline, health.text
+        time.sleep(1)
     got = np.array([list(r["attributes"].values()) for r in response.json()["results"]])
     want = reference_attributes(reference_scorer, tokenizer, score_body(PROMPTS)["conversations"])
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
