@@ -6,6 +6,10 @@ workers) and scoring (weights, live-reconfigurable through user_config).
 
 `build_app(args)` validates `args` as `configs.ServiceConfig` and checks it against the checkpoint's
 architecture before anything is deployed, so a bad config fails at load with the numbers in the message.
+It also refuses, before anything is deployed, every checkpoint the replicas would later refuse: a tokenizer
+the prompt format cannot use, weights missing or not shaped as the architecture says, missing files. Serve
+retries a replica whose constructor raises forever (requests would wait on it with no answer); a failed
+build instead marks the application DEPLOY_FAILED with the reason (`serve status`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from typing import Any
 from ray.serve import Application
 
 from configs.service import ServiceConfig
+from deployments.chat_template import prompt_format_for
 from deployments.reward_model import RewardModelDeployment
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
+from sharding.checkpoints.check import check_weights_fit
 from sharding.checkpoints.formats import open_checkpoint, output_names
 from sharding.placement import placement_for
 
@@ -27,6 +33,8 @@ def build_app(args: dict[str, Any]) -> Application:
     checkpoint = open_checkpoint(config.checkpoint_path)
     config = config.with_output_names(output_names(checkpoint))
     config.check_against(checkpoint.arch)
+    prompt_format_for(checkpoint)  # the Router builds the same prompt format; a bad tokenizer fails here
+    check_weights_fit(checkpoint, checkpoint.arch)  # what every worker checks before loading
     plan = placement_for(config)
     config_json = config.model_dump(mode="json")
     model = RewardModelDeployment.options(

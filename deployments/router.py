@@ -69,6 +69,7 @@ from deployments.vllm_api import (
 )
 from deployments.chat_template import prompt_format_for
 from deployments.prompt import TokenizedPrompt
+from deployments.readiness import ModelReadiness
 from deployments.schemas import (
     ScoreRequest,
     ScoreResponse,
@@ -164,6 +165,19 @@ async def _request_middleware(request: Request, call_next):
     return response
 
 
+@app.middleware("http")
+async def _drain_middleware(request: Request, call_next):
+    """Counts the HTTP requests in flight; once `Router.drain` was called, new ones get a 503."""
+    state = request.app.state
+    if getattr(state, "draining", False):
+        return _error_response(ServiceUnavailableError("the service is shutting down"))
+    state.in_flight = getattr(state, "in_flight", 0) + 1
+    try:
+        return await call_next(request)
+    finally:
+        state.in_flight -= 1
+
+
 def _route_name(request: Request) -> str:
     route = request.scope.get("route")
     return getattr(route, "path", None) or "unmatched"
@@ -202,6 +216,7 @@ class Router:
         budget_tokens = self._cfg.router.max_tokens_per_batch
         self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
+        self._readiness = ModelReadiness(model_handle)
         self._scoring = scoring_handle
         self._metrics = RouterMetrics(self._cfg.parallel)
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
@@ -371,7 +386,7 @@ class Router:
 
     @app.get("/v2/health/ready")
     async def kserve_ready(self) -> dict[str, bool]:
-        return {"ready": True}
+        return await self._ready_or_503({"ready": True})
 
     @app.get("/v2/models/{model_name}")
     @app.get("/v2/models/{model_name}/versions/{model_version}")
@@ -383,7 +398,7 @@ class Router:
     @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
     async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_kserve_model(model_name, model_version)
-        return {"name": model_name, "ready": True}
+        return await self._ready_or_503({"name": model_name, "ready": True})
 
     @app.get("/v2/models/{model_name}/config")
     @app.get("/v2/models/{model_name}/versions/{model_version}/config")
@@ -479,4 +494,21 @@ class Router:
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+        return await self._ready_or_503({"status": "ok"})
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuses new HTTP requests (503) and waits, at most `timeout_s`, until those in flight have their
+        answers; returns how many are still in flight. Graceful stop: drain, then shut Serve down."""
+        app.state.draining = True
+        deadline = time.monotonic() + timeout_s
+        while getattr(app.state, "in_flight", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return getattr(app.state, "in_flight", 0)
+
+    async def _ready_or_503(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` when the model is ready (`deployments.readiness`); raises the 503 (rendered in the route's
+        error shape by the ServiceError handler) while it loads or is broken."""
+        reason = await self._readiness.not_ready()
+        if reason is not None:
+            raise ServiceUnavailableError(f"the model is not ready: {reason}")
+        return body

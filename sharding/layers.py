@@ -1,7 +1,8 @@
 """The two modules this project plugs into megatron-core's local layer spec.
 
 * `Norm`: LayerNorm, LayerNorm with the weight stored zero-centred (NeMo's "layernorm1p", applied as
-  weight + 1), or RMSNorm (Llama), chosen by the TransformerConfig. megatron's torch norm refuses
+  weight + 1, the 1 added in float32), or RMSNorm (Llama), chosen by the TransformerConfig; computed in
+  float32 whatever the parameter dtype, as Transformer Engine computes it. megatron's torch norm refuses
   `layernorm_zero_centered_gamma`, and apex / TE are not installed everywhere, so the norm is ours. Its
   parameters keep megatron's names (`weight`, `bias`), so the local spec's key map reads
   Transformer-Engine checkpoints.
@@ -108,10 +109,15 @@ class Norm(torch.nn.Module):
             torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + 1 if self.zero_centered_gamma else self.weight
+        # Computed in float32 and rounded once at the end, as Transformer Engine (which trained the model) does.
+        # In particular layernorm1p adds the 1 in float32: `weight + 1` in bfloat16 would round every gain to
+        # bfloat16's spacing near 1 (2^-7), in each of the model's norms.
+        weight = self.weight.float()
+        if self.zero_centered_gamma:
+            weight = weight + 1
         if self.rms:
-            return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
-        return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+            return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), (x.shape[-1],), weight, self.bias.float(), self.eps).to(x.dtype)
 
 
 class SDPACoreAttention(MegatronModule):

@@ -1,6 +1,6 @@
 """Inspect a checkpoint, or convert its zarr weights to torch_dist.
 
-    python -m sharding.checkpoints inspect PATH [--tp 8 --pp 2] [--dtype bfloat16] [--json]
+    python -m sharding.checkpoints inspect PATH [--tp 8 --pp 2] [--dtype bfloat16] [--disk-mb-per-s 1000] [--json]
     python -m sharding.checkpoints convert PATH OUT [--drop-output-layer]
 
 PATH is an extracted `.nemo` directory, a packed `.nemo`, or a bare `model_weights/` folder.
@@ -9,7 +9,10 @@ PATH is an extracted `.nemo` directory, a packed `.nemo`, or a bare `model_weigh
 dtype and chunk shape, the parameter count (stored, and what the reward model loads: everything but the
 LM output layer), and the parameter memory of every rank at TP x PP: decoder layers split evenly over
 the stages, embedding on the first stage, final layernorm and reward head (float32) on the last,
-column-/row-parallel weights and the embedding divided by TP, layernorms whole on every TP rank.
+column-/row-parallel weights and the embedding divided by TP, layernorms whole on every TP rank. With
+one pipeline stage per node (the service's STRICT_SPREAD placement), it also prints the checkpoint bytes
+each node reads (its TP ranks' slices together) and, with `--disk-mb-per-s`, how long that read takes at
+that disk throughput (1 MB = 10^6 bytes; page cache and parallel reads ignored).
 
 `convert` writes OUT as an extracted `.nemo` directory (config and tokenizer copied, weights as torch_dist)
 or, for a bare weights folder, as a torch_dist weights folder. It streams one chunk at a time and keeps
@@ -84,7 +87,8 @@ def _locate(path: Path) -> tuple[NemoCheckpoint | None, CheckpointFiles]:
     raise CheckpointFormatError(f"{path}: neither a .nemo checkpoint ({CONFIG_FILE}) nor a weights folder ({METADATA_FILE})")
 
 
-def inspect_checkpoint(path: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bfloat16") -> dict:
+def inspect_checkpoint(path: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bfloat16",
+                       disk_mb_per_s: float | None = None) -> dict:
     """Everything `inspect` prints, as a dict (JSON-ready)."""
     from sharding.checkpoints.nemo_weights import tensor_infos
 
@@ -130,7 +134,22 @@ def inspect_checkpoint(path: str | Path, tp: int = 1, pp: int = 1, dtype: str = 
             num_layers = info.shape[0]
     result["parameters"] = {"stored": stored, "stored_bytes": stored_bytes, "loaded": loaded}
     result["per_rank"] = per_rank_memory(infos, prefix, tp, pp, dtype, num_layers)
+    result["per_node"] = per_node_load(result["per_rank"], disk_mb_per_s)
     return result
+
+
+def per_node_load(per_rank: dict, disk_mb_per_s: float | None) -> list[dict]:
+    """One node per pipeline stage: the checkpoint bytes its TP ranks read, and the read time at the given
+    disk throughput (MB = 10^6 bytes) when one is given."""
+    nodes = []
+    for stage in per_rank["stages"]:
+        read = stage["checkpoint_bytes_read_per_rank"] * stage["ranks"]
+        node = {"node": stage["stage"], "stage": stage["stage"], "checkpoint_bytes_read": read}
+        if disk_mb_per_s is not None:
+            node["disk_mb_per_s"] = disk_mb_per_s
+            node["load_s"] = read / (disk_mb_per_s * 1e6)
+        nodes.append(node)
+    return nodes
 
 
 def per_rank_memory(infos: dict, prefix: str, tp: int, pp: int, dtype: str, num_layers: int | None) -> dict:
@@ -219,6 +238,12 @@ def format_inspection(r: dict) -> str:
                      f"(reads {human_bytes(s['checkpoint_bytes_read_per_rank'])} of the checkpoint)")
     lines.append(f"  largest rank: {human_bytes(pr['max_bytes_per_rank'])} of parameters (activations and "
                  "framework memory come on top)")
+    for node in r.get("per_node", []):
+        line = (f"node {node['node']} (stage {node['stage']}): reads {human_bytes(node['checkpoint_bytes_read'])} "
+                f"({node['checkpoint_bytes_read'] / 1e9:.1f} GB) of the checkpoint")
+        if "load_s" in node:
+            line += f"; at {node['disk_mb_per_s']:g} MB/s that takes ~{node['load_s'] / 60:.1f} min"
+        lines.append(line)
     for problem in pr["problems"]:
         lines.append(f"  cannot split: {problem}")
     if pr["unknown_keys_assumed_replicated"]:
@@ -279,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for the per-rank memory")
     ins.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                      help="serving dtype of the parameters (the reward head is float32 regardless)")
+    ins.add_argument("--disk-mb-per-s", type=float, default=None,
+                     help="disk read throughput of a node in MB/s (10^6 bytes), for the estimated load time")
     ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     conv = sub.add_parser("convert", help="zarr -> torch_dist")
     conv.add_argument("path", type=Path)
@@ -292,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             if args.tp < 1 or args.pp < 1:
                 parser.error("--tp and --pp must be >= 1")
-            result = inspect_checkpoint(args.path, args.tp, args.pp, args.dtype)
+            if args.disk_mb_per_s is not None and args.disk_mb_per_s <= 0:
+                parser.error("--disk-mb-per-s must be > 0")
+            result = inspect_checkpoint(args.path, args.tp, args.pp, args.dtype, args.disk_mb_per_s)
             print(json.dumps(result, indent=2) if args.json else format_inspection(result))
         else:
             summary = convert(args.path, args.out, drop_output_layer=args.drop_output_layer)

@@ -109,11 +109,14 @@ def test_killed_worker_gives_503_then_recovers(tp2pp2_app, reference_scorer, tok
     os.kill(gcs_actor_table(victim["actor_id"])["Pid"], signal.SIGKILL)
 
     statuses: list[int] = []
+    ready_statuses: list[int] = []  # readiness follows the model: 503 while a worker is dead or reloading
     deadline = time.monotonic() + 240
     with httpx.Client(timeout=60) as client:
         while time.monotonic() < deadline:
             response = client.post(f"{tp2pp2_app}/v1/score", json=score_body(PROMPTS))
             statuses.append(response.status_code)
+            ready_statuses.append(client.get(f"{tp2pp2_app}/v2/health/ready").status_code)
+            assert client.get(f"{tp2pp2_app}/v2/health/live").status_code == 200
             if response.status_code == 200 and 503 in statuses:
                 break
             if response.status_code == 503:
@@ -124,6 +127,11 @@ def test_killed_worker_gives_503_then_recovers(tp2pp2_app, reference_scorer, tok
             time.sleep(0.5)
     assert statuses[0] == 503, statuses[:5]
     assert statuses[-1] == 200, f"no recovery within the deadline: {statuses[-5:]}"
+    assert ready_statuses[0] == 503, ready_statuses[:5]
+    deadline = time.monotonic() + 60  # readiness follows once the new replica answers its health check
+    while (health := httpx.get(f"{tp2pp2_app}/health", timeout=30)).status_code != 200:
+        assert time.monotonic() < deadline, health.text
+        time.sleep(1)
     got = np.array([list(r["attributes"].values()) for r in response.json()["results"]])
     want = reference_attributes(reference_scorer, tokenizer, score_body(PROMPTS)["conversations"])
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)

@@ -1,0 +1,50 @@
+"""`ModelReadiness`: ready when the model deployment's check_health answers in time; the check's error or a
+timeout (no running replica) is the reason; answers are shared for READINESS_CACHE_S. The handle here is a
+stand-in with the one method a Serve handle offers for this (`check_health.remote()`, awaitable)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments import readiness
+from deployments.readiness import ModelReadiness
+
+
+class Handle:
+    def __init__(self, behaviour: str):
+        self.behaviour, self.calls = behaviour, 0
+        self.check_health = self
+
+    def remote(self):
+        self.calls += 1
+        return self._check()
+
+    async def _check(self) -> None:
+        if self.behaviour == "hang":
+            await asyncio.sleep(60)
+        if self.behaviour == "broken":
+            raise RuntimeError("model engine unhealthy: worker rank 3 is dead\nRuntimeError: worker rank 3 is dead")
+
+
+def test_ready_broken_and_loading(monkeypatch):
+    monkeypatch.setattr(readiness, "READINESS_TIMEOUT_S", 0.05)
+    assert asyncio.run(ModelReadiness(Handle("ok")).not_ready()) is None
+    assert asyncio.run(ModelReadiness(Handle("broken")).not_ready()) == "RuntimeError: worker rank 3 is dead"
+    assert "within 0.05 s" in asyncio.run(ModelReadiness(Handle("hang")).not_ready())
+
+
+def test_answers_are_shared_briefly(monkeypatch):
+    handle = Handle("ok")
+    probe = ModelReadiness(handle)
+
+    async def twice() -> None:
+        assert await probe.not_ready() is None
+        handle.behaviour = "broken"
+        assert await probe.not_ready() is None  # cached
+        monkeypatch.setattr(readiness, "READINESS_CACHE_S", 0.0)
+        assert await probe.not_ready() is not None
+
+    asyncio.run(twice())
+    assert handle.calls == 2
