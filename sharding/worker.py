@@ -69,15 +69,16 @@ class ModelWorker:
 
     def forward(self, micro_batches: list[MicroBatch]) -> np.ndarray | None:
         import torch
-        import torch.distributed as dist
         from megatron.core import parallel_state
 
         from sharding.model import DTYPES
+        from sharding.p2p import recv_activation, send_activation
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
         first = parallel_state.is_pipeline_first_stage()
         last = parallel_state.is_pipeline_last_stage()
         dtype = DTYPES[self.runtime.dtype]
+        sg = self.parallel.scatter_gather_activations
         outputs: list[torch.Tensor] = []
         sends = []
         with torch.no_grad():
@@ -85,13 +86,11 @@ class ModelWorker:
                 lens = torch.from_numpy(lengths).to(device)
                 ids = torch.from_numpy(tokens).to(device) if first else None
                 if not first:
-                    hidden = torch.empty((tokens.shape[1], tokens.shape[0], self.arch.hidden_size), dtype=dtype, device=device)
-                    dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                    hidden = recv_activation((tokens.shape[1], tokens.shape[0], self.arch.hidden_size), dtype, device, sg)
                     self.model.set_input_tensor(hidden)
                 out = self.model(ids, lens)
                 if not last:
-                    out = out.contiguous()  # kept referenced in `sends` until the send completes
-                    sends.append((out, dist.isend(out, dst=parallel_state.get_pipeline_model_parallel_next_rank())))
+                    sends.append(send_activation(out, sg))  # the tensor stays referenced until the send completes
                 elif self.tp_rank == 0:
                     outputs.append(out)  # stays on the device: one copy to host at the end, not one per micro-batch
             for _, req in sends:

@@ -82,7 +82,7 @@ def service_args(checkpoint: Path, **overrides) -> dict:
         # TP x PP engine tests, which compare micro-batches of 2 against one padded reference batch).
         "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "micro_batch_size": 1},
         "runtime": {"device": "cpu", "dtype": "float32", "backend": "gloo", "cpus_per_worker": 0.5},
-        "router": {"max_tokens_per_batch": 8192, "batch_wait_timeout_s": 0.05, "max_conversations_per_request": 32},
+        "router": {"max_tokens_per_batch": 8192, "max_conversations_per_request": 32},
     }
     for key, value in overrides.items():
         args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
