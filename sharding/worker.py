@@ -2,7 +2,9 @@
 this rank's slice of the checkpoint, and the forward-only pipeline step.
 
 Pipeline stage (after megatron-core's inference wrappers): for each micro-batch, recv -> forward -> send;
-sends are asynchronous so this stage starts the next micro-batch while the next stage computes. Only the
+sends are asynchronous so this stage starts the next micro-batch while the next stage computes, and a
+stage posts all its receives when a call starts (`sharding.p2p`), so the previous stage never waits on it
+micro-batch by micro-batch. Only the
 last stage's TP rank 0 returns rewards.
 """
 
@@ -72,7 +74,7 @@ class ModelWorker:
         from megatron.core import parallel_state
 
         from sharding.model import DTYPES
-        from sharding.p2p import recv_activation, send_activation
+        from sharding.p2p import ActivationReceiver, send_activation
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
         first = parallel_state.is_pipeline_first_stage()
@@ -81,12 +83,14 @@ class ModelWorker:
         sg = self.parallel.scatter_gather_activations
         outputs: list[torch.Tensor] = []
         sends = []
+        receiver = None if first else ActivationReceiver(
+            [(tokens.shape[1], tokens.shape[0], self.arch.hidden_size) for tokens, _ in micro_batches], dtype, device, sg)
         with torch.no_grad():
             for tokens, lengths in micro_batches:
                 lens = torch.from_numpy(lengths).to(device)
                 ids = torch.from_numpy(tokens).to(device) if first else None
                 if not first:
-                    hidden = recv_activation((tokens.shape[1], tokens.shape[0], self.arch.hidden_size), dtype, device, sg)
+                    hidden = receiver.next()
                     self.model.set_input_tensor(hidden)
                 out = self.model(ids, lens)
                 if not last:
