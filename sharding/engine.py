@@ -23,7 +23,9 @@ check_health fails, and Serve replaces the replica with a fresh placement group.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,7 +51,8 @@ class MegatronEngine:
         self.plan = placement_for(config)
         self._submit_lock = threading.Lock()  # held only while submitting, so every rank sees one order
         self._broken: str | None = None
-        self._completed_batches = 0  # progress marker for check_health while pings queue behind forwards
+        self._batch_ids = itertools.count()
+        self._in_flight: dict[int, float] = {}  # batch id -> submission time; pings queue behind these
         options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
                    "runtime_env": {"env_vars": dict(config.runtime.worker_env)}}
         self.workers = []
@@ -85,6 +88,8 @@ class MegatronEngine:
             if self._broken:
                 raise EngineUnavailableError(self._broken)
             refs = [w.forward.remote(ref) for w in self.workers]
+            batch_id = next(self._batch_ids)
+            self._in_flight[batch_id] = time.monotonic()
         futures = [asyncio.ensure_future(_as_future(r)) for r in refs]
         try:
             done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
@@ -92,13 +97,17 @@ class MegatronEngine:
                 f.result()
             sorted_rewards = await futures[self._output_rank]
         except asyncio.CancelledError:
-            raise  # the caller left; the ranks still finish this batch in order
+            # The caller left; the ranks still compute this batch in order: it stays in flight until they do.
+            asyncio.gather(*futures, return_exceptions=True).add_done_callback(
+                lambda _: self._in_flight.pop(batch_id, None))
+            raise
         except Exception as e:  # noqa: BLE001 - any rank's failure leaves the others stuck mid-batch
+            self._in_flight.pop(batch_id, None)
             self._fail(f"a model worker failed: {_describe_error(e)}")
             for f in futures:
                 f.cancel()
             raise EngineUnavailableError(self._broken) from None
-        self._completed_batches += 1
+        self._in_flight.pop(batch_id, None)
         rewards = np.empty_like(sorted_rewards)
         rewards[order] = sorted_rewards
         return rewards
@@ -124,16 +133,18 @@ class MegatronEngine:
         ]
 
     async def check_health(self) -> None:
-        """Pings every worker. A ping queues behind the forwards already submitted to that worker, so when it
-        misses the deadline while batches completed meanwhile, the engine is busy, not broken."""
+        """Pings every worker. A ping queues behind the forwards already submitted to that worker, so a ping
+        that misses the deadline while batches are in flight means busy, not broken, until the oldest batch
+        has been in flight for `runtime.distributed_timeout_s` (by then a rank stuck in a collective has
+        raised, and a dead worker fails its queued ping at once with an actor error)."""
         if self._broken:
             raise EngineUnavailableError(self._broken)
-        completed_before = self._completed_batches
         refs = [w.ping.remote() for w in self.workers]
         try:
             await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.runtime.health_check_timeout_s)
         except asyncio.TimeoutError:
-            if self._completed_batches > completed_before and not self._broken:
+            oldest = min(self._in_flight.values(), default=None)
+            if oldest is not None and time.monotonic() - oldest < self.config.runtime.distributed_timeout_s:
                 return
             self._fail("a model worker missed its health-check deadline")
             raise EngineUnavailableError(self._broken) from None
