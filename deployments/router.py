@@ -6,10 +6,10 @@ and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` (`
 and `/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
 concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
 `__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
-than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After. Errors leave as the typed errors of
-`deployments.errors`: as JSON in one shape over HTTP, as the same types to handle callers. The optional
-API key (`deployments.auth`) and the request metrics (`deployments.metrics`) live in the HTTP middleware.
-No torch here, directly or indirectly.
+than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
+Errors leave as the typed errors of `deployments.errors`: as JSON in one shape over HTTP, as the same
+types to handle callers. The optional API key (`deployments.auth`) and the request metrics
+(`deployments.metrics`) live in the HTTP middleware. No torch here, directly or indirectly.
 """
 
 import asyncio

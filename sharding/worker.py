@@ -83,8 +83,8 @@ class ModelWorker:
         sg = self.parallel.scatter_gather_activations
         outputs: list[torch.Tensor] = []
         sends = []
-        receiver = None if first else ActivationReceiver(
-            [(tokens.shape[1], tokens.shape[0], self.arch.hidden_size) for tokens, _ in micro_batches], dtype, device, sg)
+        shapes = [(tokens.shape[1], tokens.shape[0], self.arch.hidden_size) for tokens, _ in micro_batches]
+        receiver = None if first else ActivationReceiver(shapes, dtype, device, sg)
         with torch.no_grad():
             for tokens, lengths in micro_batches:
                 lens = torch.from_numpy(lengths).to(device)

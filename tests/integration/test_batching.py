@@ -23,7 +23,8 @@ BODY = {"conversations": [conversation(i, words=12) for i in range(4)]}
 def queue_tokens(tokenizer) -> int:
     """1.5 x the tokens of BODY: one request fits the queue (and a batch), two do not."""
     request = ScoreRequest.model_validate(BODY)
-    tokens = sum(tokenize_conversation(c.messages, tokenizer, max_tokens=4096).num_tokens for c in request.conversations)
+    tokens = sum(tokenize_conversation(c.messages, tokenizer, max_tokens=4096).num_tokens
+                 for c in request.conversations)
     return tokens + tokens // 2
 
 
