@@ -20,7 +20,8 @@ Per topology (one Ray instance, PACK placement: this is one machine), in one pro
   /proc schedstat: the share of the wall time the stage had work. (On-CPU alone is also recorded: on a
   shared 2-core machine a stage with work often waits for a core.)
 
-Own Ray instance (`/tmp/ray_sweep`, 4 logical CPUs) and Serve on 127.0.0.1:8101; shuts down what it started.
+Own Ray instance (`/tmp/ray_sweep`, 8 logical CPUs: the PP2 engine and the PP2 service each reserve 2) and
+Serve on 127.0.0.1:8101; shuts down what it started.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def main() -> None:
     token_lists = [tokenize_conversation([Message(**m) for m in c], tokenizer, max_tokens=4096).token_ids
                    for c in conversations]
     info = machine_info()
-    ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=4, include_dashboard=False,
+    ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=8, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     results = []
     try:
