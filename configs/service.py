@@ -38,6 +38,11 @@ class ParallelConfig(StrictModel):
         description="`forest`: sequences sharing a token prefix compute it once, packed without padding "
                     "(sharding/forest.py); `padded`: length-sorted, right-padded micro-batches.",
     )
+    scatter_gather_activations: bool = Field(
+        default=True,
+        description="At pipeline_parallel_size > 1 with tensor_parallel_size > 1, each TP rank sends only its "
+                    "1/TP slice of the activation to the next stage, which all-gathers it over its TP group.",
+    )
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = Field(
         default="STRICT_SPREAD",
         description="Ray placement-group strategy; STRICT_SPREAD puts each pipeline stage on its own node.",
@@ -106,16 +111,28 @@ class RuntimeConfig(StrictModel):
 
 class RouterConfig(StrictModel):
     max_tokens_per_batch: int = Field(default=16384, gt=0, description="Token budget of one model batch.")
-    batch_wait_timeout_s: float = Field(
-        default=0.01, ge=0, description="How long a batch waits to fill before it is sent."
-    )
     max_conversations_per_request: int = Field(default=256, gt=0, description="Conversations per request.")
     max_input_tokens: int | None = Field(
         default=None, gt=0, description="Per-conversation limit; null uses the model's context length."
     )
-    max_concurrent_batches: int = Field(
-        default=2, ge=1, description="Batches in flight to the model (one computing, one queued)."
+    max_batches_in_flight: int | None = Field(
+        default=None, ge=1,
+        description="Model batches one router replica keeps sent and unanswered; the next batch is formed when "
+                    "fewer are in flight. Null: pipeline_parallel_size + 1 (every stage busy, one batch waiting).",
     )
+    max_queued_tokens: int = Field(
+        default=262144, gt=0,
+        description="Tokens one router replica holds waiting for the model; a request that would go past it gets "
+                    "503 with Retry-After (a request arriving at an empty queue is always accepted).",
+    )
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> RouterConfig:
+        if self.max_queued_tokens < self.max_tokens_per_batch:
+            raise ValueError(
+                f"max_queued_tokens {self.max_queued_tokens} is below max_tokens_per_batch {self.max_tokens_per_batch}"
+            )
+        return self
 
 
 class ScoringConfig(StrictModel):
@@ -219,6 +236,11 @@ class ServiceConfig(StrictModel):
                 f"router.max_tokens_per_batch {self.router.max_tokens_per_batch} is below the "
                 f"per-conversation limit {limit}"
             )
+
+    @property
+    def max_batches_in_flight(self) -> int:
+        """`router.max_batches_in_flight`, defaulting to the pipeline depth + 1."""
+        return self.router.max_batches_in_flight or self.parallel.pipeline_parallel_size + 1
 
     def max_input_tokens(self, arch: ModelArchConfig) -> int:
         limit = self.router.max_input_tokens or arch.max_position_embeddings

@@ -98,6 +98,21 @@ class ServiceUnavailableError(ServiceError):
     retryable = True
 
 
+class OverloadedError(ServiceUnavailableError):
+    """The router's queue is full (`router.max_queued_tokens`); retry after `retry_after_s` seconds (sent as
+    the `Retry-After` header over HTTP)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.retry_after_s, self.param))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(message={self.message!r}, retry_after_s={self.retry_after_s!r})"
+
+
 def service_error_from_body(status_code: int, body: Any) -> ServiceError:
     """Rebuilds the typed error from an HTTP error response (the one error shape), for HTTP clients."""
     error = body.get("error") if isinstance(body, dict) else None

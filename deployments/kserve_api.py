@@ -217,13 +217,12 @@ _CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_I
                  "FP32": "TYPE_FP32"}
 
 
-def model_config(
-    model_name: str, num_attributes: int, max_batch_size: int, max_queue_delay_s: float
-) -> dict[str, Any]:
+def model_config(model_name: str, num_attributes: int, max_batch_size: int) -> dict[str, Any]:
     """`GET /v2/models/{name}/config`: Triton's JSON model configuration, what PyTriton's `ModelClient`
     reads before its first inference (`max_batch_size > 0` is what lets it call `infer_batch`). Dims leave
     out the batch dimension, as Triton does for batching models; every input is optional (`sentences` or
-    `tokens` + `sequence_lengths`, `add_EOS` optional), checked per request."""
+    `tokens` + `sequence_lengths`, `add_EOS` optional), checked per request. Dynamic batching has no queue
+    delay: the router's batcher sends a batch as soon as the engine can take one (`deployments.batcher`)."""
     outputs = {"rewards": ("FP32", [num_attributes]), "exceeded": ("INT32", [1])}
     return {
         "name": model_name,
@@ -233,7 +232,7 @@ def model_config(
             {"name": n, "data_type": _CONFIG_TYPES[d], "dims": s[1:], "optional": True} for n, (d, s) in INPUTS.items()
         ],
         "output": [{"name": n, "data_type": _CONFIG_TYPES[d], "dims": s} for n, (d, s) in outputs.items()],
-        "dynamic_batching": {"max_queue_delay_microseconds": round(max_queue_delay_s * 1e6), "preserve_ordering": True},
+        "dynamic_batching": {"max_queue_delay_microseconds": 0, "preserve_ordering": True},
         "model_transaction_policy": {"decoupled": False},
     }
 

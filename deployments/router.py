@@ -6,12 +6,12 @@ and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` wi
 model config (`deployments.kserve_api`; its errors in KServe's shape), OpenRLHF's `POST /get_reward`
 (`deployments.openrlhf_api`), vLLM's `POST /classify` and `POST /pooling` (`deployments.vllm_api`), and
 `/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
-concurrent requests share one token-budget batch queue (`serve.batch` with `batch_size_fn` = total
-tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the wait and the number of
-batches in flight all come from the service config. Errors leave as the typed errors of
-`deployments.errors`: as JSON in one shape over HTTP, as the same types to handle callers. The optional
-API key (`deployments.auth`) and the request metrics (`deployments.metrics`) live in the HTTP middleware.
-No torch here, directly or indirectly.
+concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
+`__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
+than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
+Errors leave as the typed errors of `deployments.errors`: as JSON in one shape over HTTP, as the same
+types to handle callers. The optional API key (`deployments.auth`) and the request metrics
+(`deployments.metrics`) live in the HTTP middleware. No torch here, directly or indirectly.
 """
 
 import asyncio
@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.service import ServiceConfig
 from deployments.auth import ApiKeyCheck, load_api_key
+from deployments.batcher import TokenBatcher
 from deployments.errors import (
     InputTooLongError,
     InvalidRequestError,
@@ -91,11 +92,6 @@ MAX_REQUEST_ID_CHARS = 128
 app = FastAPI(title="Reward scoring service")
 
 
-def count_tokens(token_lists: Sequence[Sequence[int]]) -> int:
-    """`batch_size_fn` of the model queue: a batch's size is its total tokens."""
-    return sum(len(ids) for ids in token_lists)
-
-
 def as_service_error(exc: BaseException) -> ServiceError | None:
     """Maps an error from our code or a downstream handle onto the typed error a client should see;
     None when it is not the client's business (it then becomes a 500 / is re-raised)."""
@@ -118,10 +114,13 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(error: ServiceError, request: Request | None = None) -> JSONResponse:
-    """The error JSON for a route: KServe's `{"error": message}` under `/v2`, the service's shape elsewhere."""
+    """The error JSON for a route: KServe's `{"error": message}` under `/v2`, the service's shape elsewhere;
+    `Retry-After` when the error carries one (a full queue)."""
+    retry_after_s = getattr(error, "retry_after_s", None)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
     if request is not None and _is_kserve_path(_route_path(request)):
-        return JSONResponse(status_code=error.status_code, content=kserve_error_body(error.message))
-    return JSONResponse(status_code=error.status_code, content=error.to_body())
+        return JSONResponse(status_code=error.status_code, content=kserve_error_body(error.message), headers=headers)
+    return JSONResponse(status_code=error.status_code, content=error.to_body(), headers=headers)
 
 
 def _is_kserve_path(path: str) -> bool:
@@ -222,14 +221,13 @@ class Router:
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
         app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
         app.state.metrics = self._metrics
-        # One queue per replica, configured from the service config (decorator arguments are fixed at
-        # import time; Serve's setters cover only the size and the wait, not max_concurrent_batches).
-        self._score_tokens = serve.batch(
-            max_batch_size=budget_tokens,
-            batch_wait_timeout_s=self._cfg.router.batch_wait_timeout_s,
-            max_concurrent_batches=self._cfg.router.max_concurrent_batches,
-            batch_size_fn=count_tokens,
-        )(self._run_model_batch)
+        # One pull-based queue per replica (deployments.batcher): a batch leaves when a slot is free.
+        self._batcher = TokenBatcher(
+            self._run_model_batch,
+            max_tokens_per_batch=budget_tokens,
+            max_batches_in_flight=self._cfg.max_batches_in_flight,
+            max_queued_tokens=self._cfg.router.max_queued_tokens,
+        )
 
     @property
     def max_input_tokens(self) -> int:
@@ -237,8 +235,8 @@ class Router:
 
     # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
 
-    async def _run_model_batch(self, token_lists: list[list[int]]) -> list[np.ndarray]:
-        """One model call for a token-budget batch; splits the [B, A] result back per prompt."""
+    async def _run_model_batch(self, token_lists: list[list[int]]) -> np.ndarray:
+        """One model call for a token-budget batch: float32 [B, A]."""
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
@@ -249,12 +247,11 @@ class Router:
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
-        return [attributes[i] for i in range(len(token_lists))]
+        return attributes
 
     async def _attributes_for(self, token_lists: Sequence[list[int]]) -> np.ndarray:
-        """float32 [N, A]: every prompt of a request enters the shared batch queue at once."""
-        rows = await asyncio.gather(*(self._score_tokens(ids) for ids in token_lists))
-        return np.stack(rows)
+        """float32 [N, A]: every prompt of a request enters the replica's batch queue at once, together."""
+        return await self._batcher.score(token_lists)
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
 
@@ -405,9 +402,8 @@ class Router:
     async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         """Triton's JSON model configuration (what PyTriton's clients read before inferring)."""
         self._check_kserve_model(model_name, model_version)
-        router = self._cfg.router
         return model_config(model_name, len(self._cfg.scoring.attribute_names),
-                            router.max_conversations_per_request, router.batch_wait_timeout_s)
+                            self._cfg.router.max_conversations_per_request)
 
     @app.post("/v2/repository/index")
     async def kserve_repository_index(self) -> list[dict[str, str]]:

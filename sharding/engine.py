@@ -4,12 +4,28 @@ The engine owns the batch layout (`parallel.batch_layout`, `sharding.micro_batch
 (shared prefixes computed once, no padding) or length-sorted right-padded micro-batches, each within
 `parallel.max_tokens_per_micro_batch` tokens. It sends the micro-batches (token ids, positions, masks'
 metadata) to every rank through the object store and returns the last stage's rewards in the caller's
-order. Forwards are serialized (one at a time) so collectives from two batches never interleave.
+order.
+Streaming: batches are not serialized. Each batch's forward call is submitted to every worker under a short
+submission lock (no await inside, nothing computed under it), so all ranks see one global order of batches;
+a worker is a synchronous single-threaded Ray actor, and Ray runs such an actor's calls from one caller in
+submission order, so the collectives and point-to-point transfers of two batches never interleave. The lock
+is released at once: stage 0 starts batch k+1 while stage 1 still computes batch k (the stages are
+different actors), and several batches can be queued at the workers.
+
+Failure: the first error from any rank (a dead actor, or an exception inside a forward) marks the engine
+broken at once and kills every worker. Killing is the fail-fast choice: the surviving ranks would otherwise
+block in a recv or a collective with the failed rank until the torch.distributed timeout (NCCL never
+notices a dead peer by itself; gloo notices a closed socket but not a rank stuck in Python). With the
+workers gone, every batch still in flight fails at once with EngineUnavailableError (503 at the router),
+check_health fails, and Serve replaces the replica with a fresh placement group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,8 +49,10 @@ class MegatronEngine:
         self.arch: ModelArchConfig = checkpoint.arch
         config.parallel.check_against(self.arch)
         self.plan = placement_for(config)
-        self._lock = asyncio.Lock()
+        self._submit_lock = threading.Lock()  # held only while submitting, so every rank sees one order
         self._broken: str | None = None
+        self._batch_ids = itertools.count()
+        self._in_flight: dict[int, float] = {}  # batch id -> submission time; pings queue behind these
         options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
                    "runtime_env": {"env_vars": dict(config.runtime.worker_env)}}
         self.workers = []
@@ -65,22 +83,45 @@ class MegatronEngine:
         if self._broken:
             raise EngineUnavailableError(self._broken)
         micro_batches, order = plan_micro_batches(token_batch, self.config.parallel)
-        async with self._lock:
-            ref = ray.put(micro_batches)
-            futures = [asyncio.ensure_future(_as_future(w.forward.remote(ref))) for w in self.workers]
-            try:
-                done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-                for f in done:
-                    f.result()
-                sorted_rewards = await futures[self._output_rank]
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                self._broken = f"a model worker died: {type(e).__name__}"
-                for f in futures:
-                    f.cancel()
-                raise EngineUnavailableError(self._broken) from None
+        ref = ray.put(micro_batches)
+        with self._submit_lock:
+            if self._broken:
+                raise EngineUnavailableError(self._broken)
+            refs = [w.forward.remote(ref) for w in self.workers]
+            batch_id = next(self._batch_ids)
+            self._in_flight[batch_id] = time.monotonic()
+        futures = [asyncio.ensure_future(_as_future(r)) for r in refs]
+        try:
+            done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            for f in done:
+                f.result()
+            sorted_rewards = await futures[self._output_rank]
+        except asyncio.CancelledError:
+            # The caller left; the ranks still compute this batch in order: it stays in flight until they do.
+            asyncio.gather(*futures, return_exceptions=True).add_done_callback(
+                lambda _: self._in_flight.pop(batch_id, None))
+            raise
+        except Exception as e:  # noqa: BLE001 - any rank's failure leaves the others stuck mid-batch
+            self._in_flight.pop(batch_id, None)
+            self._fail(f"a model worker failed: {_describe_error(e)}")
+            for f in futures:
+                f.cancel()
+            raise EngineUnavailableError(self._broken) from None
+        self._in_flight.pop(batch_id, None)
         rewards = np.empty_like(sorted_rewards)
         rewards[order] = sorted_rewards
         return rewards
+
+    def _fail(self, reason: str) -> None:
+        """Marks the engine broken (first reason wins) and kills every worker so no rank waits on a dead peer."""
+        with self._submit_lock:
+            if self._broken is None:
+                self._broken = reason
+            for w in self.workers:
+                try:
+                    ray.kill(w, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
 
     def describe(self) -> list[dict]:
         """Where each rank runs: rank, stage, TP rank, bundle, node, placement group and Ray actor id."""
@@ -92,13 +133,23 @@ class MegatronEngine:
         ]
 
     async def check_health(self) -> None:
+        """Pings every worker. A ping queues behind the forwards already submitted to that worker, so a ping
+        that misses the deadline while batches are in flight means busy, not broken, until the oldest batch
+        has been in flight for `runtime.distributed_timeout_s` (by then a rank stuck in a collective has
+        raised, and a dead worker fails its queued ping at once with an actor error)."""
         if self._broken:
             raise EngineUnavailableError(self._broken)
         refs = [w.ping.remote() for w in self.workers]
         try:
             await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.runtime.health_check_timeout_s)
-        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            self._broken = f"a model worker failed its health check: {type(e).__name__}"
+        except asyncio.TimeoutError:
+            oldest = min(self._in_flight.values(), default=None)
+            if oldest is not None and time.monotonic() - oldest < self.config.runtime.distributed_timeout_s:
+                return
+            self._fail("a model worker missed its health-check deadline")
+            raise EngineUnavailableError(self._broken) from None
+        except ray.exceptions.RayError as e:
+            self._fail(f"a model worker failed its health check: {type(e).__name__}")
             raise EngineUnavailableError(self._broken) from None
 
     def shutdown(self) -> None:
@@ -109,3 +160,12 @@ class MegatronEngine:
 
 async def _as_future(ref):
     return await ref
+
+
+def _describe_error(exc: BaseException) -> str:
+    """The error's type, and for an exception raised inside a forward its cause's last line."""
+    cause = getattr(exc, "cause", None)
+    if cause is None or isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return type(exc).__name__
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1][:300]}" if lines else type(cause).__name__

@@ -50,7 +50,7 @@ class LocalScorer:
         with torch.no_grad():
             outputs = []
             for micro_batch in micro_batches:
-                ids, kwargs, _ = micro_batch_inputs(micro_batch, self.runtime, self.device, first_stage=True)
+                ids, kwargs = micro_batch_inputs(micro_batch, self.runtime, self.device, first_stage=True)
                 outputs.append(self.model(ids, **kwargs))
         rewards = np.empty((len(order), outputs[0].shape[1]), dtype=np.float32)
         rewards[order] = torch.cat(outputs).float().cpu().numpy()

@@ -57,16 +57,25 @@ def forest_kernel(runtime: RuntimeConfig) -> str:
     return "flex" if runtime.device == "cuda" else "branches"
 
 
+def micro_batch_shape(micro_batch) -> tuple[int, int]:
+    """(seq, batch) of one micro-batch's hidden states: a ForestRow is one packed row, a padded
+    `(tokens [b, s], lengths [b])` is b rows of s."""
+    if isinstance(micro_batch, ForestRow):
+        return micro_batch.num_tokens, 1
+    tokens, _ = micro_batch
+    return tokens.shape[1], tokens.shape[0]
+
+
 def micro_batch_inputs(micro_batch, runtime: RuntimeConfig, device: torch.device, first_stage: bool
-                       ) -> tuple[torch.Tensor | None, dict, tuple[int, int]]:
-    """(input ids on the first stage else None, model kwargs, (seq, batch) of the hidden states) of one
-    micro-batch: a ForestRow or a padded `(tokens [b, s], lengths [b])`."""
+                       ) -> tuple[torch.Tensor | None, dict]:
+    """(input ids on the first stage else None, model kwargs) of one micro-batch: a ForestRow or a padded
+    `(tokens [b, s], lengths [b])`."""
     if isinstance(micro_batch, ForestRow):
         ids = torch.from_numpy(micro_batch.tokens).view(1, -1).to(device) if first_stage else None
-        return ids, {"forest": ForestInputs.from_row(micro_batch, runtime, device)}, (micro_batch.num_tokens, 1)
+        return ids, {"forest": ForestInputs.from_row(micro_batch, runtime, device)}
     tokens, lengths = micro_batch
     ids = torch.from_numpy(tokens).to(device) if first_stage else None
-    return ids, {"lengths": torch.from_numpy(lengths).to(device)}, (tokens.shape[1], tokens.shape[0])
+    return ids, {"lengths": torch.from_numpy(lengths).to(device)}
 
 
 def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int) -> TransformerConfig:

@@ -2,7 +2,9 @@
 this rank's slice of the checkpoint, and the forward-only pipeline step.
 
 Pipeline stage (after megatron-core's inference wrappers): for each micro-batch, recv -> forward -> send;
-sends are asynchronous so this stage starts the next micro-batch while the next stage computes. Only the
+sends are asynchronous so this stage starts the next micro-batch while the next stage computes, and a
+stage posts all its receives when a call starts (`sharding.p2p`), so the previous stage never waits on it
+micro-batch by micro-batch. Only the
 last stage's TP rank 0 returns rewards.
 """
 
@@ -71,28 +73,29 @@ class ModelWorker:
         """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
         builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
         import torch
-        import torch.distributed as dist
         from megatron.core import parallel_state
 
-        from sharding.model import DTYPES, micro_batch_inputs
+        from sharding.model import DTYPES, micro_batch_inputs, micro_batch_shape
+        from sharding.p2p import ActivationReceiver, send_activation
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
         first = parallel_state.is_pipeline_first_stage()
         last = parallel_state.is_pipeline_last_stage()
         dtype = DTYPES[self.runtime.dtype]
+        sg = self.parallel.scatter_gather_activations
         outputs: list[torch.Tensor] = []
         sends = []
+        shapes = [(*micro_batch_shape(mb), self.arch.hidden_size) for mb in micro_batches]
+        receiver = None if first else ActivationReceiver(shapes, dtype, device, sg)
         with torch.no_grad():
             for micro_batch in micro_batches:
-                ids, kwargs, (seq, batch) = micro_batch_inputs(micro_batch, self.runtime, device, first)
+                ids, kwargs = micro_batch_inputs(micro_batch, self.runtime, device, first)
                 if not first:
-                    hidden = torch.empty((seq, batch, self.arch.hidden_size), dtype=dtype, device=device)
-                    dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                    hidden = receiver.next()
                     self.model.set_input_tensor(hidden)
                 out = self.model(ids, **kwargs)
                 if not last:
-                    out = out.contiguous()  # kept referenced in `sends` until the send completes
-                    sends.append((out, dist.isend(out, dst=parallel_state.get_pipeline_model_parallel_next_rank())))
+                    sends.append(send_activation(out, sg))  # the tensor stays referenced until the send completes
                 elif self.tp_rank == 0:
                     outputs.append(out)  # stays on the device: one copy to host at the end, not one per micro-batch
             for _, req in sends:

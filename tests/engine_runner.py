@@ -16,6 +16,13 @@ from configs.service import ServiceConfig
 def score_with_engine(config: ServiceConfig, token_batch: Sequence[Sequence[int]],
                       inspect: Callable[[object], None] | None = None) -> np.ndarray:
     """Scores `token_batch`; `inspect(engine)` runs while the workers are still alive."""
+    return score_batches_with_engine(config, [token_batch], inspect)[0]
+
+
+def score_batches_with_engine(config: ServiceConfig, token_batches: Sequence[Sequence[Sequence[int]]],
+                              inspect: Callable[[object], None] | None = None) -> list[np.ndarray]:
+    """Scores all `token_batches` at once (every batch in flight together, none awaited before the last is
+    submitted); `inspect(engine)` runs while the workers are still alive."""
     from sharding.engine import MegatronEngine
     from sharding.placement import placement_for
 
@@ -25,7 +32,10 @@ def score_with_engine(config: ServiceConfig, token_batch: Sequence[Sequence[int]
     try:
         engine = MegatronEngine(config, pg)
         try:
-            rewards = asyncio.run(engine.score(token_batch))
+            async def all_batches():
+                return await asyncio.gather(*(engine.score(batch) for batch in token_batches))
+
+            rewards = asyncio.run(all_batches())
             if inspect is not None:
                 inspect(engine)
             return rewards

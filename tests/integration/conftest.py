@@ -76,7 +76,7 @@ def service_args(checkpoint: Path, **overrides) -> dict:
         # each sequence scored alone; the padded layout is checked there too).
         "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_tokens_per_micro_batch": 8192},
         "runtime": {"device": "cpu", "dtype": "float32", "backend": "gloo", "cpus_per_worker": 0.5},
-        "router": {"max_tokens_per_batch": 8192, "batch_wait_timeout_s": 0.05, "max_conversations_per_request": 32},
+        "router": {"max_tokens_per_batch": 8192, "max_conversations_per_request": 32},
     }
     for key, value in overrides.items():
         args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value

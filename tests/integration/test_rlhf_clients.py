@@ -81,7 +81,7 @@ def test_pytriton_model_client_reads_the_config_and_infers(http, demo_app, model
             "sentences": ((1,), np.bytes_), "tokens": ((-1,), np.int64),
             "sequence_lengths": ((1,), np.int64), "add_EOS": ((1,), np.bool_)}
         assert {spec.name: spec.shape for spec in config.outputs} == {"rewards": (NUM,), "exceeded": (1,)}
-        assert config.batcher.max_queue_delay_microseconds == 50_000
+        assert config.batcher.max_queue_delay_microseconds == 0
         result = client.infer_batch(sentences=sentences)
         single = client.infer_sample(sentences=sentences[0])
     want = np.array([attributes_of(r) for r in native(http, convs)])

@@ -36,9 +36,9 @@ def error_of(model, body) -> InvalidRequestError:
 
 
 def test_model_config_parses_as_pytriton_reads_it():
-    config = ModelConfigParser.from_dict(model_config("reward_model", 9, max_batch_size=64, max_queue_delay_s=0.005))
+    config = ModelConfigParser.from_dict(model_config("reward_model", 9, max_batch_size=64))
     assert config.model_name == "reward_model" and config.batching and config.max_batch_size == 64
-    assert not config.decoupled and config.batcher.max_queue_delay_microseconds == 5000
+    assert not config.decoupled and config.batcher.max_queue_delay_microseconds == 0
     assert [(s.name, s.shape, s.dtype, s.optional) for s in config.inputs] == [
         ("sentences", (1,), np.bytes_, True), ("tokens", (-1,), np.int64, True),
         ("sequence_lengths", (1,), np.int64, True), ("add_EOS", (1,), np.bool_, True)]

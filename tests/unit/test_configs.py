@@ -557,3 +557,19 @@ def test_local_serve_config_is_cpu():
     config = ServiceConfig.model_validate(app.args)
     assert config.runtime.device == "cpu"
     assert all("GPU" not in b for b in placement_for(config).bundles)
+
+
+def test_max_batches_in_flight_defaults_to_pipeline_depth_plus_one():
+    assert ServiceConfig(checkpoint_path="/x", parallel={"pipeline_parallel_size": 2}).max_batches_in_flight == 3
+    assert ServiceConfig(checkpoint_path="/x").max_batches_in_flight == 2
+    given = ServiceConfig(checkpoint_path="/x", router={"max_batches_in_flight": 5})
+    assert given.max_batches_in_flight == 5
+
+
+def test_queue_bound_below_the_batch_budget_is_refused():
+    with pytest.raises(ValidationError, match="max_queued_tokens 1000 is below max_tokens_per_batch 2048"):
+        RouterConfig(max_tokens_per_batch=2048, max_queued_tokens=1000)
+
+
+def test_scatter_gather_activations_is_on_by_default():
+    assert ParallelConfig().scatter_gather_activations is True

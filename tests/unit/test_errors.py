@@ -6,6 +6,7 @@ from deployments.errors import (
     AuthenticationError,
     NotFoundError,
     InputTooLongError,
+    OverloadedError,
     InvalidRequestError,
     ServiceError,
     ServiceUnavailableError,
@@ -19,6 +20,7 @@ CASES = [
     InputTooLongError(1, 9000, 4096, detail="truncate=left cannot fit it"),
     InputTooLongError(0, 5000, 4096, field="messages"),
     ServiceUnavailableError("worker 3 died"),
+    OverloadedError("the router's queue is full", retry_after_s=7),
     AuthenticationError("missing API key"),
     NotFoundError("no model 'x'", param="model"),
 ]
