@@ -102,6 +102,26 @@ class RouterConfig(StrictModel):
     max_concurrent_batches: int = Field(
         default=2, ge=1, description="Batches in flight to the model (one computing, one queued)."
     )
+    # Request limits: each is checked before the work it bounds and answered with a 413 or 400 that names
+    # the limit and the value. The defaults fit the largest legitimate request, 256 conversations of 4096
+    # tokens (JSON of such text is ~6 MB even with every character \u-escaped; as KServe INT64 tokens 8 MB).
+    max_request_bytes: int = Field(
+        default=16 * 2**20, gt=0,
+        description="Largest request body in bytes, counted as it is read and again after gzip/deflate "
+                    "decompression; a bigger one gets 413 without being read further.",
+    )
+    max_messages_per_conversation: int = Field(default=2048, gt=0, description="Messages per conversation.")
+    max_prompts_per_request: int = Field(
+        default=1024, gt=0,
+        description="Prompts scored for one request: one per conversation, one per assistant turn with "
+                    "`turns: \"all\"`, one per response of a best-of-N item, one per KServe row.",
+    )
+    max_tokens_per_request: int = Field(
+        default=256 * 4096, gt=0, description="Tokens scored for one request, over all its prompts (after fitting)."
+    )
+    tokenizer_threads: int = Field(
+        default=2, ge=1, description="Threads of the router's tokenization pool (the event loop never tokenizes)."
+    )
 
 
 class ScoringConfig(StrictModel):
@@ -195,11 +215,11 @@ class ServiceConfig(StrictModel):
         if n != arch.num_attributes:
             raise ValueError(f"scoring.attribute_names has {n} names; the reward head has {arch.num_attributes}")
         limit = self.max_input_tokens(arch)
-        if self.router.max_tokens_per_batch < limit:
-            raise ValueError(
-                f"router.max_tokens_per_batch {self.router.max_tokens_per_batch} is below the "
-                f"per-conversation limit {limit}"
-            )
+        for name in ("max_tokens_per_batch", "max_tokens_per_request"):
+            if getattr(self.router, name) < limit:
+                raise ValueError(
+                    f"router.{name} {getattr(self.router, name)} is below the per-conversation limit {limit}"
+                )
 
     def max_input_tokens(self, arch: ModelArchConfig) -> int:
         limit = self.router.max_input_tokens or arch.max_position_embeddings

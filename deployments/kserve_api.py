@@ -15,7 +15,6 @@ for no particular outputs); the response then carries the same header.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import struct
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, RequestTooLargeError
 from deployments.schemas import StrictBody, invalid_request_from_errors
 
 SERVED_MODEL_NAME = "reward_model"
@@ -38,6 +37,7 @@ INPUTS = {"sentences": ("BYTES", [-1, 1]), "tokens": ("INT64", [-1, -1]),
           "sequence_lengths": ("INT64", [-1, 1]), "add_EOS": ("BOOL", [-1, 1])}
 OUTPUT_NAMES = ("rewards", "exceeded")
 _NUMPY_TYPES = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4"), "FP32": np.dtype("<f4"), "BOOL": np.dtype("?")}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _JSON_TYPES = {"BYTES": (str,), "INT64": (int,), "BOOL": (bool,)}
 
 
@@ -84,9 +84,12 @@ class InferRequest:
     outputs: list[tuple[str, bool]]  # (name, binary) in the order to answer
 
 
-def parse_infer_request(body: bytes, header_length: str | None, content_encoding: str | None) -> InferRequest:
-    """Decodes a JSON or binary-extension request; raises InvalidRequestError naming the field."""
-    body = _decompress(body, content_encoding)
+def parse_infer_request(
+    body: bytes, header_length: str | None, content_encoding: str | None, max_bytes: int | None = None
+) -> InferRequest:
+    """Decodes a JSON or binary-extension request; raises InvalidRequestError naming the field, and
+    RequestTooLargeError when a compressed body decompresses to more than `max_bytes`."""
+    body = _decompress(body, content_encoding, max_bytes)
     json_size = len(body)
     if header_length is not None:
         try:
@@ -217,18 +220,28 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "reward-serve", "version": version, "extensions": ["binary_tensor_data"]}
 
 
-def _decompress(body: bytes, content_encoding: str | None) -> bytes:
+def _decompress(body: bytes, content_encoding: str | None, max_bytes: int | None) -> bytes:
+    """gzip or deflate (zlib) bodies, decompressed as a stream that stops at `max_bytes`."""
     encoding = (content_encoding or "identity").strip().lower()
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error) as exc:
-        raise InvalidRequestError(f"the body is not valid {encoding} data: {exc}", param="Content-Encoding") from None
-    if encoding != "identity":
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
         raise InvalidRequestError(f"Content-Encoding {encoding!r} is not supported", param="Content-Encoding")
-    return body
+    stream = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = stream.decompress(body, 0 if max_bytes is None else max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidRequestError(f"the body is not valid {encoding} data: {exc}", param="Content-Encoding") from None
+    if max_bytes is not None and len(out) > max_bytes:
+        raise RequestTooLargeError(
+            f"the decompressed body has more than {max_bytes} bytes; the limit (router.max_request_bytes) is "
+            f"{max_bytes}", param="router.max_request_bytes",
+        )
+    if not stream.eof or stream.unused_data:
+        problem = "ends before its end (truncated)" if not stream.eof else "has bytes after its end"
+        raise InvalidRequestError(f"the body is not valid {encoding} data: the stream {problem}",
+                                  param="Content-Encoding")
+    return out
 
 
 def _requested_outputs(header: InferRequestHeader) -> list[tuple[str, bool]]:
@@ -270,7 +283,8 @@ def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.nda
         values = _flatten(tensor.data)
         if len(values) != count or not all(_json_type_ok(v, datatype) for v in values):
             raise InvalidRequestError(
-                f"{param}.data: expected {count} {datatype} values for shape {shape}", param=f"{param}.data"
+                f"{param}.data: expected {count} {datatype} values for shape {shape}"
+                + (" (INT64: integers in [-2**63, 2**63))" if datatype == "INT64" else ""), param=f"{param}.data"
             )
         if datatype == "BYTES":
             return np.array([v.encode("utf-8") for v in values], dtype=object).reshape(shape)
@@ -312,8 +326,8 @@ def _flatten(data: Sequence[Any]) -> list[Any]:
 
 
 def _json_type_ok(value: Any, datatype: str) -> bool:
-    if datatype == "INT64" and isinstance(value, bool):
-        return False
+    if datatype == "INT64":
+        return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
     return isinstance(value, _JSON_TYPES[datatype])
 
 

@@ -13,10 +13,12 @@ No torch here, directly or indirectly.
 """
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -48,7 +51,10 @@ from deployments.kserve_api import (
     server_metadata,
     token_lists,
 )
+from deployments.http_body import BodyLimitMiddleware, error_response, http_exception_error, route_path
+from deployments.limits import check_messages, check_prompts, check_score_request, check_tokens
 from deployments.metrics import RouterMetrics
+from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
 from deployments.chat_template import prompt_format_for
 from deployments.prompt import TokenizedPrompt
@@ -72,6 +78,9 @@ MAX_REQUEST_ID_CHARS = 128
 _UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
 app = FastAPI(title="Reward scoring service")
+# Inside the request middleware below (added later = outer), so a keyless request gets 401 before its body is read.
+app.add_middleware(BodyLimitMiddleware, limit_bytes=lambda: getattr(app.state, "max_request_bytes", None))
+install_openapi(app)
 
 
 def count_tokens(token_lists: Sequence[Sequence[int]]) -> int:
@@ -95,23 +104,18 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
 
 
 def _request_id(request: Request) -> str:
-    """The caller's X-Request-Id (Serve's proxy adds one when missing), else a new one; cached."""
+    """The caller's X-Request-Id (Serve's proxy adds one when missing) when it is printable ASCII, else a new
+    one; cached."""
     cached = getattr(request.state, "request_id", None)
     if cached:
         return cached
-    given = request.headers.get(REQUEST_ID_HEADER, "").strip()
-    request.state.request_id = given[:MAX_REQUEST_ID_CHARS] if given else uuid.uuid4().hex
+    given = request.headers.get(REQUEST_ID_HEADER, "").strip()[:MAX_REQUEST_ID_CHARS]
+    request.state.request_id = given if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
     return request.state.request_id
 
 
-def _error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(status_code=error.status_code, content=error.to_body())
-
-
-def _route_path(request: Request) -> str:
-    """The request path below the app's route prefix (Serve passes the prefix as `root_path`)."""
-    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
-    return (path[len(root):] or "/") if root and path.startswith(root) else path
+def _error_response(error: ServiceError, request: Request) -> JSONResponse:
+    return error_response(error, request.scope)
 
 
 def requires_api_key(path: str) -> bool:
@@ -124,14 +128,14 @@ async def _request_middleware(request: Request, call_next):
     """Request id, API key (before any body parsing, so a keyless request always gets 401), and the
     per-route request counter."""
     request_id = _request_id(request)
-    if requires_api_key(_route_path(request)):
+    if requires_api_key(route_path(request.scope)):
         try:
             request.app.state.api_key_check.check(request.headers.get("authorization"))
         except AttributeError:  # the router has not finished starting: never serve unchecked
-            response = _error_response(ServiceUnavailableError("the service is starting, retry later"))
+            response = _error_response(ServiceUnavailableError("the service is starting, retry later"), request)
         except ServiceError as error:
             logger.info("request %s rejected: %s", request_id, error.message)
-            response = _error_response(error)
+            response = _error_response(error, request)
         else:
             response = await call_next(request)
     else:
@@ -154,12 +158,19 @@ def _route_name(request: Request) -> str:
 async def _on_request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     error = invalid_request_from_errors(exc.errors(), body_prefix=True)
     logger.info("request %s rejected: %s", _request_id(request), error.message)
-    return _error_response(error)
+    return _error_response(error, request)
 
 
 @app.exception_handler(ServiceError)
 async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return _error_response(exc)
+    return _error_response(exc, request)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 (no route), 405 (wrong method), 400 (FastAPI could not read the body): the same error shape."""
+    return error_response(http_exception_error(exc.status_code, exc.detail, request.scope), request.scope,
+                          headers=getattr(exc, "headers", None))
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -175,6 +186,9 @@ class Router:
         self._model = model_handle
         self._scoring = scoring_handle
         self._metrics = RouterMetrics(self._cfg.parallel.micro_batch_size)
+        self._limits = self._cfg.router
+        self._tokenizer_pool = ThreadPoolExecutor(self._limits.tokenizer_threads, thread_name_prefix="tokenize")
+        app.state.max_request_bytes = self._limits.max_request_bytes
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
         app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
         app.state.metrics = self._metrics
@@ -207,21 +221,28 @@ class Router:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
         return [attributes[i] for i in range(len(token_lists))]
 
-    async def _attributes_for(self, token_lists: Sequence[list[int]]) -> np.ndarray:
-        """float32 [N, A]: every prompt of a request enters the shared batch queue at once."""
+    async def _attributes_for(self, token_lists: Sequence[list[int]], param: str | None = None) -> np.ndarray:
+        """float32 [N, A]: every prompt of a request enters the shared batch queue at once (after the
+        per-request token limit)."""
+        check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
         rows = await asyncio.gather(*(self._score_tokens(ids) for ids in token_lists))
-        return np.stack(rows)
+        attributes = np.stack(rows)
+        bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
+        if bad.size:
+            raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
+                               f"the request ({bad.size} in all); no score is given")
+        return attributes
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """CPU work of a request (tokenizing, fitting, decoding KServe bodies) on the bounded tokenizer pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool,
+                                                                functools.partial(fn, *args, **kwargs))
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
 
     def _validate(self, body: ScoreRequest | dict[str, Any]) -> ScoreRequest:
         request = body if isinstance(body, ScoreRequest) else ScoreRequest.model_validate(body)
-        limit = self._cfg.router.max_conversations_per_request
-        if len(request.conversations) > limit:
-            raise InvalidRequestError(
-                f"conversations has {len(request.conversations)} items; the limit is {limit}",
-                param="conversations",
-            )
+        check_score_request(request, self._limits)
         num_attributes = len(self._cfg.scoring.attribute_names)
         if request.weights is not None and len(request.weights) != num_attributes:
             raise InvalidRequestError(
@@ -245,7 +266,7 @@ class Router:
         return out
 
     async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
-        per_conversation = await asyncio.to_thread(self._tokenize, request)
+        per_conversation = await self._in_pool(self._tokenize, request)
         prompts = [prompt for turns in per_conversation for _, prompt in turns]
         self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
         attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
@@ -273,7 +294,7 @@ class Router:
             raise error from None
         return response.model_dump(mode="json")
 
-    @app.post("/v1/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
     async def score_http(self, body: ScoreRequest, http_request: Request) -> Any:
         try:
             return await self._score_validated(self._validate(body))
@@ -282,14 +303,15 @@ class Router:
 
     # --- NIM / OpenAI chat completions --------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest, http_request: Request) -> Any:
         try:
             self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
-            prompt = await asyncio.to_thread(
+            check_messages(len(body.messages), self._limits, "messages")
+            prompt = await self._in_pool(
                 self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
             )
-            attributes = await self._attributes_for([prompt.token_ids])
+            attributes = await self._attributes_for([prompt.token_ids], "messages")
             named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
             return chat_completion_body(_request_id(http_request), self._cfg.model_name, named, prompt.num_tokens)
         except Exception as exc:
@@ -301,18 +323,20 @@ class Router:
 
     # --- KServe v2 / Triton -------------------------------------------------------------------------------
 
-    @app.post("/v2/models/{model_name}/infer")
+    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
     async def kserve_infer(self, model_name: str, http_request: Request) -> Response:
         try:
             self._check_model(model_name, accepted=self._kserve_names, param="model_name")
-            request = parse_infer_request(
+            request = await self._in_pool(
+                parse_infer_request,
                 await http_request.body(),
                 http_request.headers.get(HEADER_LENGTH),
                 http_request.headers.get("content-encoding"),
+                self._limits.max_request_bytes,
             )
-            prompts = await asyncio.to_thread(self._kserve_prompts, request)
+            prompts = await self._in_pool(self._kserve_prompts, request)
             self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
-            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
+            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts], "inputs")
             exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
             body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
             return Response(content=body, headers=headers)
@@ -321,6 +345,7 @@ class Router:
 
     def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
         """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""
+        check_prompts(next(iter(request.tensors.values())).shape[0], self._limits, "inputs")
         sequences = token_lists(request, self._prompt.encode, self._prompt.vocab_size, self._prompt.eos_id)
         return [self._prompt.fit_token_ids(ids, max_tokens=self._limit_tokens) for ids in sequences]
 
@@ -341,19 +366,19 @@ class Router:
         return {"ready": True}
 
     @app.get("/v2/models/{model_name}")
-    async def kserve_model_metadata(self, model_name: str) -> Any:
+    async def kserve_model_metadata(self, model_name: str, http_request: Request) -> Any:
         try:
             self._check_model(model_name, accepted=self._kserve_names, param="model_name")
         except ServiceError as error:
-            return _error_response(error)
+            return _error_response(error, http_request)
         return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
 
     @app.get("/v2/models/{model_name}/ready")
-    async def kserve_model_ready(self, model_name: str) -> Any:
+    async def kserve_model_ready(self, model_name: str, http_request: Request) -> Any:
         try:
             self._check_model(model_name, accepted=self._kserve_names, param="model_name")
         except ServiceError as error:
-            return _error_response(error)
+            return _error_response(error, http_request)
         return {"name": model_name, "ready": True}
 
     # --- shared -------------------------------------------------------------------------------------------
@@ -374,7 +399,7 @@ class Router:
             logger.info("request %s failed: %s", request_id, error.message)
             if isinstance(error, InputTooLongError):
                 self._metrics.rejected_too_long(_route_name(http_request))
-        return _error_response(error)
+        return _error_response(error, http_request)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

@@ -1,0 +1,129 @@
+"""The HTTP layer under every route: request bodies read with a size cap before any route sees them, and
+the one way an error becomes an HTTP response.
+
+`BodyLimitMiddleware` (pure ASGI) answers 413 from `Content-Length` alone when it declares more than
+`router.max_request_bytes`; otherwise it reads the body as a stream, counting, and stops at the cap with a
+413, so a route never holds more than the cap (gzip/deflate bodies are capped again after decompression by
+the route that decompresses them, `deployments.kserve_api`). A client that disconnects while sending gets
+no answer and leaves one INFO line, not an ERROR with a traceback. The body read in full is handed to the
+app as one message.
+
+Ray Serve's HTTP proxy and the replica's receive loop pull the body eagerly, whatever the app reads; the
+cap bounds what the router parses and holds for a request, and an early 413 ends the request (and its
+reading) at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServiceError,
+    error_body,
+)
+
+logger = logging.getLogger("ray.serve")
+
+LIMIT_NAME = "router.max_request_bytes"
+
+
+def route_path(scope: Scope) -> str:
+    """The request path below the app's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+def error_response(error: ServiceError, scope: Scope, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error answer of the service, whatever raised it: status and body from `errors.error_body`."""
+    return JSONResponse(status_code=error.status_code, content=error_body(error, route_path(scope)), headers=headers)
+
+
+def too_large(size: int, limit: int, *, what: str = "the request body", exact: bool = True) -> RequestTooLargeError:
+    amount = f"{size} bytes" if exact else f"more than {limit} bytes (stopped reading at {size})"
+    return RequestTooLargeError(f"{what} has {amount}; the limit ({LIMIT_NAME}) is {limit}", param=LIMIT_NAME)
+
+
+class BodyLimitMiddleware:
+    """Reads each request body up to `limit_bytes()` (None: the router has not started; pass through)."""
+
+    def __init__(self, app: ASGIApp, limit_bytes: Callable[[], int | None]):
+        self.app = app
+        self._limit_bytes = limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self._limit_bytes() if scope["type"] == "http" else None
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and not declared.isdigit():
+            error: ServiceError = InvalidRequestError(f"Content-Length {declared!r} is not a byte count",
+                                                      param="Content-Length")
+            await error_response(error, scope)(scope, receive, send)
+            return
+        if declared is not None and int(declared) > limit:
+            await error_response(too_large(int(declared), limit), scope)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                logger.info("client disconnected after sending %d bytes of the body of %s %s; not answered",
+                            size, scope.get("method"), route_path(scope))
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await error_response(too_large(size, limit, exact=False), scope)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _content_length(scope: Scope) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"content-length":
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the body read in full as one message, then defers to the real one (which
+    reports a disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def http_exception_error(status_code: int, detail: Any, scope: Scope) -> ServiceError:
+    """The service error for what Starlette or FastAPI answer themselves: no route (404), a method the route
+    does not take (405), a body FastAPI could not read (400)."""
+    path, method = route_path(scope), scope.get("method", "")
+    if status_code == 404:
+        return NotFoundError(f"{path} is not a route of this service", param="path")
+    if status_code == 405:
+        return MethodNotAllowedError(f"{method} is not allowed on {path}", param="method")
+    if status_code == 400:
+        return InvalidRequestError(f"request body: {detail}")
+    error = ServiceError(str(detail))
+    error.status_code = status_code
+    return error

@@ -1,0 +1,64 @@
+"""The per-request limits of `configs.service.RouterConfig`, each checked before the work it bounds and
+answered with a 400 that names the limit and the value (the body size, `max_request_bytes`, is checked as
+the body is read: `deployments.http_body`).
+
+* conversations per request and messages per conversation: right after validation;
+* prompts per request (one per conversation, one per assistant turn with `turns: "all"`, one per response
+  of a best-of-N item, one per KServe row): before tokenization;
+* tokens per request (over all prompts, as scored after fitting): before anything enters the model queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs.service import RouterConfig
+from deployments.errors import InvalidRequestError
+
+
+def limit_error(what: str, value: int, unit: str, limit_name: str, limit: int, param: str | None) -> InvalidRequestError:
+    return InvalidRequestError(f"{what} has {value} {unit}; the limit (router.{limit_name}) is {limit}", param=param)
+
+
+def prompts_in(conversation: Any, turns: str) -> int:
+    """Prompts one conversation item scores: its responses (best-of-N), else its assistant turns with
+    `turns: "all"`, else one."""
+    responses = getattr(conversation, "responses", None)
+    if responses is not None:
+        return len(responses)
+    if turns == "all":
+        return sum(message.role == "assistant" for message in conversation.messages)
+    return 1
+
+
+def check_score_request(request: Any, limits: RouterConfig) -> None:
+    """Conversations, messages per conversation and prompts of a validated `/v1/score` request."""
+    conversations = request.conversations
+    if len(conversations) > limits.max_conversations_per_request:
+        raise InvalidRequestError(
+            f"conversations has {len(conversations)} items; the limit is {limits.max_conversations_per_request}",
+            param="conversations",
+        )
+    for index, conversation in enumerate(conversations):
+        check_messages(len(getattr(conversation, "messages", None) or ()), limits, f"conversations[{index}].messages")
+    turns = getattr(request, "turns", "last")
+    check_prompts(sum(prompts_in(c, turns) for c in conversations), limits,
+                  param="turns" if turns == "all" else "conversations")
+
+
+def check_messages(num_messages: int, limits: RouterConfig, param: str) -> None:
+    if num_messages > limits.max_messages_per_conversation:
+        raise limit_error(param, num_messages, "messages", "max_messages_per_conversation",
+                          limits.max_messages_per_conversation, param)
+
+
+def check_prompts(num_prompts: int, limits: RouterConfig, param: str | None) -> None:
+    if num_prompts > limits.max_prompts_per_request:
+        raise limit_error("the request", num_prompts, "prompts to score", "max_prompts_per_request",
+                          limits.max_prompts_per_request, param)
+
+
+def check_tokens(num_tokens: int, limits: RouterConfig, param: str | None) -> None:
+    if num_tokens > limits.max_tokens_per_request:
+        raise limit_error("the request", num_tokens, "tokens to score", "max_tokens_per_request",
+                          limits.max_tokens_per_request, param)
