@@ -4,8 +4,8 @@ the one way an error becomes an HTTP response.
 `BodyLimitMiddleware` (pure ASGI) answers 413 from `Content-Length` alone when it declares more than
 `router.max_request_bytes`; otherwise it reads the body as a stream, counting, and stops at the cap with a
 413, so a route never holds more than the cap (gzip/deflate bodies are capped again after decompression by
-the route that decompresses them, `deployments.kserve_api`). A client that disconnects while sending gets
-no answer and leaves one INFO line, not an ERROR with a traceback. The body read in full is handed to the
+the route that decompresses them, `deployments.kserve_api`). A client that disconnects while sending leaves one INFO
+line, not an ERROR with a traceback (the 400 written after it goes nowhere). The body read in full is handed to the
 app as one message.
 
 Ray Serve's HTTP proxy and the replica's receive loop pull the body eagerly, whatever the app reads; the
@@ -77,9 +77,11 @@ class BodyLimitMiddleware:
         size = 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                logger.info("client disconnected after sending %d bytes of the body of %s %s; not answered",
+            if message["type"] == "http.disconnect":  # nobody reads the answer; it only closes the request
+                logger.info("client disconnected after sending %d bytes of the body of %s %s",
                             size, scope.get("method"), route_path(scope))
+                gone = InvalidRequestError(f"the client disconnected after {size} bytes of the body")
+                await error_response(gone, scope)(scope, receive, _ignore_errors(send))
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -90,6 +92,16 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _ignore_errors(send: Send) -> Send:
+    async def send_or_drop(message: Message) -> None:
+        try:
+            await send(message)
+        except Exception:  # noqa: BLE001 - the connection is gone; there is no one to tell
+            pass
+
+    return send_or_drop
 
 
 def _content_length(scope: Scope) -> str | None:
