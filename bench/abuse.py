@@ -216,14 +216,25 @@ def _expected_length(data: bytes) -> int:
     return 1 << 62  # read to the end
 
 
-def router_pid(app_name: str = "reward") -> int:
-    from ray.util.state import list_actors
+def router_actor(app_name: str = "reward") -> Any:
+    """The live Router replica actor of the app (Serve names replicas `SERVE_REPLICA::<app>#Router#<id>`);
+    no dashboard needed."""
+    import ray
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-    pids = [a.pid for a in actors if a.class_name == f"ServeReplica:{app_name}:Router"]
-    if len(pids) != 1:
-        raise RuntimeError(f"expected one live Router replica of app {app_name}, found {pids}")
-    return pids[0]
+    prefix = f"SERVE_REPLICA::{app_name}#Router#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    if len(names) != 1:
+        raise RuntimeError(f"expected one Router replica of app {app_name}, found {names}")
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def router_pid(app_name: str = "reward") -> int:
+    import os
+
+    import ray
+
+    return ray.get(router_actor(app_name).__ray_call__.remote(lambda _: os.getpid()))
 
 
 class RssSampler:

@@ -203,12 +203,9 @@ def test_evaluate_reports_the_accuracies_of_v1_score(http, demo_app, tmp_path):
 def kill_router_replica() -> None:
     import ray
 
-    from bench.abuse import router_pid
-    from ray.util.state import list_actors
+    from bench.abuse import router_actor
 
-    pid = router_pid()
-    (actor,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if a.pid == pid]
-    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+    ray.kill(router_actor(), no_restart=True)
 
 
 def wait_until_running(app_name: str = "reward", timeout_s: float = 180) -> None:
