@@ -1,5 +1,5 @@
-"""The HTTP layer under every route: request bodies read with a size cap before any route sees them, and
-the one way an error becomes an HTTP response.
+"""The HTTP layer under every route: request bodies read with a size cap before any route sees them, the
+request id, and the one way an error becomes an HTTP response.
 
 `BodyLimitMiddleware` (pure ASGI) answers 413 from `Content-Length` alone when it declares more than
 `router.max_request_bytes`; otherwise it reads the body as a stream, counting, and stops at the cap with a
@@ -16,9 +16,11 @@ reading) at once.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,12 +36,25 @@ from deployments.errors import (
 logger = logging.getLogger("ray.serve")
 
 LIMIT_NAME = "router.max_request_bytes"
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
 
 
 def route_path(scope: Scope) -> str:
     """The request path below the app's route prefix (Serve passes the prefix as `root_path`)."""
     path, root = scope.get("path", "/"), scope.get("root_path", "")
     return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+def request_id(request: Request) -> str:
+    """The caller's X-Request-Id (Serve's proxy adds one when missing) when it is printable ASCII, else a new
+    one; cached."""
+    cached = getattr(request.state, "request_id", None)
+    if cached:
+        return cached
+    given = request.headers.get(REQUEST_ID_HEADER, "").strip()[:MAX_REQUEST_ID_CHARS]
+    request.state.request_id = given if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
+    return request.state.request_id
 
 
 def error_response(error: ServiceError, scope: Scope, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -9,14 +9,15 @@ tokens), built per replica in `__init__` from `RouterConfig`, so the budget, the
 batches in flight all come from the service config. Errors leave as the typed errors of
 `deployments.errors`: as JSON in one shape over HTTP, as the same types to handle callers. The optional
 API key (`deployments.auth`) and the request metrics (`deployments.metrics`) live in the HTTP middleware.
-No torch here, directly or indirectly.
+Request limits (`deployments.limits`, body size in `deployments.http_body`) are checked before the work
+they bound; tokenization and KServe decoding run on a bounded thread pool. No torch here, directly or
+indirectly.
 """
 
 import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -51,7 +52,14 @@ from deployments.kserve_api import (
     server_metadata,
     token_lists,
 )
-from deployments.http_body import BodyLimitMiddleware, error_response, http_exception_error, route_path
+from deployments.http_body import (
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    error_response,
+    http_exception_error,
+    route_path,
+)
+from deployments.http_body import request_id as _request_id
 from deployments.limits import check_messages, check_prompts, check_score_request, check_tokens
 from deployments.metrics import RouterMetrics
 from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi
@@ -72,9 +80,7 @@ from sharding.protocol import EngineUnavailableError
 logger = logging.getLogger("ray.serve")
 
 SERVICE_VERSION = "0.1.0"
-REQUEST_ID_HEADER = "x-request-id"
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions"})
-MAX_REQUEST_ID_CHARS = 128
 _UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError)
 
 app = FastAPI(title="Reward scoring service")
@@ -101,17 +107,6 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
         message = getattr(cause, "message", None) or str(cause).strip().splitlines()[-1]
         return ServiceUnavailableError(f"the model is unavailable, retry later: {message}")
     return None
-
-
-def _request_id(request: Request) -> str:
-    """The caller's X-Request-Id (Serve's proxy adds one when missing) when it is printable ASCII, else a new
-    one; cached."""
-    cached = getattr(request.state, "request_id", None)
-    if cached:
-        return cached
-    given = request.headers.get(REQUEST_ID_HEADER, "").strip()[:MAX_REQUEST_ID_CHARS]
-    request.state.request_id = given if given and given.isascii() and given.isprintable() else uuid.uuid4().hex
-    return request.state.request_id
 
 
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
