@@ -20,7 +20,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +34,7 @@ from deployments.errors import (
     ServiceError,
     error_body,
 )
+from deployments.schemas import invalid_request_from_errors
 
 logger = logging.getLogger("ray.serve")
 
@@ -139,6 +142,28 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error FastAPI or Starlette raise outside the routes' own handling, in the one shape: a
+    ServiceError, a request that does not match a route's parameters (400), no route (404), a wrong method
+    (405), a body FastAPI could not read (400)."""
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = invalid_request_from_errors(exc.errors(), body_prefix=True)
+        logger.info("request %s rejected: %s", request_id(request), error.message)
+        return error_response(error, request.scope)
+
+    async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc, request.scope)
+
+    async def on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(http_exception_error(exc.status_code, exc.detail, request.scope), request.scope,
+                              headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
 
 
 def http_exception_error(status_code: int, detail: Any, scope: Scope) -> ServiceError:

@@ -2,7 +2,8 @@
 answered with a 400 that names the limit and the value (the body size, `max_request_bytes`, is checked as
 the body is read: `deployments.http_body`).
 
-* conversations per request and messages per conversation: right after validation;
+* conversations per request and messages per conversation: on the parsed JSON, before it is validated into
+  models (a JSON message is a few bytes; its validated model is hundreds);
 * prompts per request (one per conversation, one per assistant turn with `turns: "all"`, one per response
   of a best-of-N item, one per KServe row): before tokenization;
 * tokens per request (over all prompts, as scored after fitting): before anything enters the model queue.
@@ -10,6 +11,7 @@ the body is read: `deployments.http_body`).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from configs.service import RouterConfig
@@ -44,6 +46,30 @@ def check_score_request(request: Any, limits: RouterConfig) -> None:
     turns = getattr(request, "turns", "last")
     check_prompts(sum(prompts_in(c, turns) for c in conversations), limits,
                   param="turns" if turns == "all" else "conversations")
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON of a request body; InvalidRequestError saying where it is broken."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+
+def check_raw_score_request(raw: Any, limits: RouterConfig) -> None:
+    """The counts of a `/v1/score` body as parsed JSON; wrong types are left to validation."""
+    conversations = raw.get("conversations") if isinstance(raw, dict) else None
+    if not isinstance(conversations, list):
+        return
+    if len(conversations) > limits.max_conversations_per_request:
+        raise InvalidRequestError(
+            f"conversations has {len(conversations)} items; the limit is {limits.max_conversations_per_request}",
+            param="conversations",
+        )
+    for index, conversation in enumerate(conversations):
+        messages = conversation.get("messages") if isinstance(conversation, dict) else None
+        if isinstance(messages, list):
+            check_messages(len(messages), limits, f"conversations[{index}].messages")
 
 
 def check_messages(num_messages: int, limits: RouterConfig, param: str) -> None:

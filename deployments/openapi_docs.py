@@ -75,6 +75,16 @@ KSERVE_INFER_DOCS: dict[str, Any] = {
 }
 
 
+_BODY_MODELS: list[type[BaseModel]] = [InferRequestHeader, InferResponseBody]
+
+
+def json_body_docs(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` of a route that reads its JSON body itself (to check limits on the raw JSON first)."""
+    _BODY_MODELS.append(model)
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}}}
+
+
 def install_openapi(app: FastAPI) -> None:
     """Makes `app.openapi()` drop the 422s and carry the KServe body schemas."""
 
@@ -88,7 +98,7 @@ def install_openapi(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
-        for model in (InferRequestHeader, InferResponseBody):
+        for model in _BODY_MODELS:
             body = model.model_json_schema(ref_template=_REF)
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -56,13 +54,20 @@ from deployments.http_body import (
     REQUEST_ID_HEADER,
     BodyLimitMiddleware,
     error_response,
-    http_exception_error,
+    install_error_handlers,
     route_path,
 )
 from deployments.http_body import request_id as _request_id
-from deployments.limits import check_messages, check_prompts, check_score_request, check_tokens
+from deployments.limits import (
+    check_messages,
+    check_prompts,
+    check_raw_score_request,
+    check_score_request,
+    check_tokens,
+    parse_json,
+)
 from deployments.metrics import RouterMetrics
-from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi
+from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi, json_body_docs
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
 from deployments.chat_template import prompt_format_for
 from deployments.prompt import TokenizedPrompt
@@ -86,6 +91,7 @@ _UNAVAILABLE_ERRORS = (EngineUnavailableError, RayActorError, BackPressureError,
 app = FastAPI(title="Reward scoring service")
 # Inside the request middleware below (added later = outer), so a keyless request gets 401 before its body is read.
 app.add_middleware(BodyLimitMiddleware, limit_bytes=lambda: getattr(app.state, "max_request_bytes", None))
+install_error_handlers(app)
 install_openapi(app)
 
 
@@ -147,25 +153,6 @@ async def _request_middleware(request: Request, call_next):
 def _route_name(request: Request) -> str:
     route = request.scope.get("route")
     return getattr(route, "path", None) or "unmatched"
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    error = invalid_request_from_errors(exc.errors(), body_prefix=True)
-    logger.info("request %s rejected: %s", _request_id(request), error.message)
-    return _error_response(error, request)
-
-
-@app.exception_handler(ServiceError)
-async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return _error_response(exc, request)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """404 (no route), 405 (wrong method), 400 (FastAPI could not read the body): the same error shape."""
-    return error_response(http_exception_error(exc.status_code, exc.detail, request.scope), request.scope,
-                          headers=getattr(exc, "headers", None))
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -235,8 +222,15 @@ class Router:
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
 
-    def _validate(self, body: ScoreRequest | dict[str, Any]) -> ScoreRequest:
-        request = body if isinstance(body, ScoreRequest) else ScoreRequest.model_validate(body)
+    def _validate(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
+        """A request body (bytes over HTTP, a dict or a ScoreRequest from a handle) checked against the limits
+        (counts on the raw JSON first, before it becomes models) and validated."""
+        if isinstance(body, ScoreRequest):
+            request = body
+        else:
+            raw = parse_json(body) if isinstance(body, bytes) else body
+            check_raw_score_request(raw, self._limits)
+            request = ScoreRequest.model_validate(raw)
         check_score_request(request, self._limits)
         num_attributes = len(self._cfg.scoring.attribute_names)
         if request.weights is not None and len(request.weights) != num_attributes:
@@ -289,20 +283,24 @@ class Router:
             raise error from None
         return response.model_dump(mode="json")
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
-    async def score_http(self, body: ScoreRequest, http_request: Request) -> Any:
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES,
+              openapi_extra=json_body_docs(ScoreRequest))
+    async def score_http(self, http_request: Request) -> Any:
         try:
-            return await self._score_validated(self._validate(body))
+            return await self._score_validated(await self._in_pool(self._validate, await http_request.body()))
         except Exception as exc:
             return self._http_error(exc, http_request)
 
     # --- NIM / OpenAI chat completions --------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions(self, body: ChatCompletionRequest, http_request: Request) -> Any:
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, openapi_extra=json_body_docs(ChatCompletionRequest))
+    async def chat_completions(self, http_request: Request) -> Any:
         try:
+            raw = await self._in_pool(parse_json, await http_request.body())
+            if isinstance(raw, dict) and isinstance(raw.get("messages"), list):
+                check_messages(len(raw["messages"]), self._limits, "messages")
+            body = ChatCompletionRequest.model_validate(raw)
             self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
-            check_messages(len(body.messages), self._limits, "messages")
             prompt = await self._in_pool(
                 self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
             )
