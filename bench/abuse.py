@@ -3,7 +3,7 @@
     python bench/abuse.py                      # -> bench/results/abuse.json (~2-3 min on 2 cores)
 
 Starts its own Ray instance (`address="local"`, `_temp_dir=/tmp/ray_bench_abuse`, no dashboard) and Serve on
-127.0.0.1:8101 with configs/local.yaml's app args (the demo checkpoint, default request limits), sends each
+a free port of 127.0.0.1 (`--port` to choose) with configs/local.yaml's app args (the demo checkpoint, default request limits), sends each
 case of `hostile_cases` once, then one ordinary request, and records per case: the status, the seconds to
 the answer, the router's RSS before and its peak while the case ran (sampled every 10 ms), and the seconds
 the ordinary request took right after. `tests/integration/test_abuse.py` sends the same cases to the test
@@ -31,7 +31,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULT = REPO / "bench" / "results" / "abuse.json"
-HTTP_PORT = 8101
 RAY_TEMP_DIR = "/tmp/ray_bench_abuse"
 MiB = 2**20
 BIG_BYTES = 200 * MiB
@@ -297,10 +296,17 @@ def _size(case: Case) -> int:
     return BIG_BYTES if case.chunked else len(case.body())
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(REPO / ".demo" / "nemotron4-tiny-reward"))
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--port", type=int, default=0, help="HTTP port of Serve's proxy (0: a free one)")
     args = parser.parse_args()
 
     import subprocess
@@ -312,6 +318,7 @@ def main() -> None:
     from deployments.prompt import SentencePieceTokenizer
     from sharding.nemo_archive import NemoCheckpoint
 
+    port = args.port or _free_port()
     checkpoint = Path(args.checkpoint).resolve()
     subprocess.run([sys.executable, "-m", "sharding.demo_model", "--if-missing", "--out", str(checkpoint)],
                    cwd=REPO, check=True)
@@ -324,11 +331,11 @@ def main() -> None:
         from configs.service import RouterConfig
         from serve_app import build_app
 
-        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args), name="reward", route_prefix="/")
         limits = RouterConfig.model_validate(app_args.get("router", {}))
         cases = hostile_cases(tokenizer.piece_id("<extra_id_1>"), limits.max_conversations_per_request)
-        rows = run_cases(f"http://127.0.0.1:{HTTP_PORT}", cases, router_pid())
+        rows = run_cases(f"http://127.0.0.1:{port}", cases, router_pid())
     finally:
         serve.shutdown()
         ray.shutdown()

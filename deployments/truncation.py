@@ -21,6 +21,7 @@ Finding how many older turns fit is a binary search over the turn starts; the ou
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,7 +49,7 @@ class SegmentedPrompt:
     """`ids`: system segment, turns, end marker(s). `turn_starts`: where each turn starts, then where the end
     starts (len = turns + 1)."""
 
-    def __init__(self, ids: list[int], turn_starts: list[int]):
+    def __init__(self, ids: list[int], turn_starts: Sequence[int]):
         self.ids = ids
         self.turn_starts = turn_starts
 
@@ -84,8 +85,8 @@ def fit_prompt(
 ) -> TokenizedPrompt:
     """The prompt of turns `0..last` and the end marker within `max_tokens` (the policy above)."""
     ids, starts, end = prompt.ids, prompt.turn_starts, prompt.end_ids
-    system = prompt.system_length
-    stop = starts[last + 1]
+    system = int(prompt.system_length)
+    stop = int(starts[last + 1])
     total = stop + len(end)
     if total <= max_tokens:
         return TokenizedPrompt(ids[:stop] + end, truncated=False)
