@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import socket
 import struct
 import sys
@@ -345,6 +346,9 @@ def main() -> None:
         "max_request_bytes": limits.max_request_bytes,
         "cases": rows,
         "all_answered_within_2_s": all(r["seconds"] < 2 for r in rows),
+        "rejections_answered_within_2_s": all(r["seconds"] < 2 for r in rows if r["status"] >= 400),
+        "slowest_scored_case_s": max([r["seconds"] for r in rows if r["status"] == 200] or [0.0]),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 1),
         "peak_router_rss_mib": max(r["router_rss_peak_mib"] for r in rows),
         "all_statuses_as_expected": all(r["status"] == r["expected_status"] for r in rows),
     }

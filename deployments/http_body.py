@@ -109,7 +109,9 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        body = b"".join(chunks)
+        chunks.clear()  # the body is held once from here on
+        await self.app(scope, _replay(body, receive), send)
 
 
 def _ignore_errors(send: Send) -> Send:

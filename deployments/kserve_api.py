@@ -124,7 +124,7 @@ def parse_infer_request(
                 raise InvalidRequestError(
                     f"{param}: binary_data_size {size} runs past the end of the body", param=f"{param}.parameters"
                 )
-            raw = bytes(binary[offset:offset + size])
+            raw = binary[offset:offset + size]  # a view: numpy reads the tensors in place
             offset += size
         tensors[tensor.name] = _decode_tensor(tensor, raw, param)
     if offset != len(binary):
@@ -260,7 +260,7 @@ def _requested_outputs(header: InferRequestHeader) -> list[tuple[str, bool]]:
     return requested
 
 
-def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.ndarray:
+def _decode_tensor(tensor: InputTensor, raw: memoryview | None, param: str) -> np.ndarray:
     datatype, spec_shape = INPUTS[tensor.name]
     if tensor.datatype != datatype:
         raise InvalidRequestError(
@@ -299,7 +299,7 @@ def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.nda
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _split_bytes_elements(raw: bytes, count: int, param: str) -> list[bytes]:
+def _split_bytes_elements(raw: memoryview, count: int, param: str) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
@@ -308,7 +308,7 @@ def _split_bytes_elements(raw: bytes, count: int, param: str) -> list[bytes]:
         offset += 4
         if offset + size > len(raw):
             break
-        elements.append(raw[offset:offset + size])
+        elements.append(bytes(raw[offset:offset + size]))
         offset += size
     if offset != len(raw) or len(elements) != count:
         raise InvalidRequestError(

@@ -222,7 +222,7 @@ class _TokenPrompt(SegmentedPrompt):
         turn_id, end_id = tokenizer.piece_id(TURN_MARKER), tokenizer.piece_id(END_MARKER)
         end = len(ids) - 1 if ids and ids[-1] == end_id else len(ids)
         # numpy: a million turn markers make 8 MB of starts here, not 36 MB of Python ints
-        super().__init__(ids, np.append(np.flatnonzero(np.asarray(ids[:end], dtype=np.int64) == turn_id), end))
+        super().__init__(ids, np.append(np.flatnonzero(np.asarray(ids, dtype=np.int64)[:end] == turn_id), end))
         self._headers = {role: tokenizer.header_ids(role) for role in ROLE_LABELS}
 
     def _header(self, index: int) -> tuple[str, int]:
