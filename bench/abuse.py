@@ -110,7 +110,7 @@ def hostile_cases(turn_marker_id: int, max_conversations: int) -> list[Case]:
         Case("score-200mb-body", "/v1/score",
              lambda: b'{"conversations": [{"messages": [{"role": "user", "content": "' + b"x" * BIG_BYTES + b'"}]}]}',
              413, "router.max_request_bytes", json_h),
-        Case("score-200mb-chunked", "/v1/score", lambda: _chunks(BIG_BYTES), 413, "router.max_request_bytes",
+        Case("score-200mb-chunked", "/v1/score", lambda: _chunks(BIG_BYTES), 411, "Content-Length",
              json_h, chunked=True),
         Case("kserve-200mb-body", infer, lambda: b"{" + b" " * BIG_BYTES + b"}", 413, "router.max_request_bytes",
              json_h),

@@ -83,6 +83,13 @@ class RequestTooLargeError(ServiceError):
     error_type = "request_too_large"
 
 
+class LengthRequiredError(ServiceError):
+    """A request body sent without `Content-Length` (chunked): its size cannot be checked before it is read."""
+
+    status_code = 411
+    error_type = "length_required"
+
+
 class AuthenticationError(ServiceError):
     """The API key is missing or wrong (`Authorization: Bearer <key>`)."""
 
@@ -118,7 +125,7 @@ def service_error_from_body(status_code: int, body: Any) -> ServiceError:
     if not isinstance(error, dict):
         return ServiceError(f"HTTP {status_code}: {str(body)[:500]}")
     types = {cls.status_code: cls for cls in (InvalidRequestError, AuthenticationError, NotFoundError,
-                                              RequestTooLargeError, ServiceUnavailableError)}
+                                              LengthRequiredError, RequestTooLargeError, ServiceUnavailableError)}
     cls = types.get(status_code, ServiceError)
     return cls(str(error.get("message", f"HTTP {status_code}")), param=error.get("param"))
 

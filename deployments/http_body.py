@@ -2,15 +2,16 @@
 request id, and the one way an error becomes an HTTP response.
 
 `BodyLimitMiddleware` (pure ASGI) answers 413 from `Content-Length` alone when it declares more than
-`router.max_request_bytes`; otherwise it reads the body as a stream, counting, and stops at the cap with a
-413, so a route never holds more than the cap (gzip/deflate bodies are capped again after decompression by
+`router.max_request_bytes`, and 411 to a body sent without `Content-Length` (chunked); otherwise it reads
+the body as a stream, counting, and stops at the cap with a 413, so a route never holds more than the cap (gzip/deflate bodies are capped again after decompression by
 the route that decompresses them, `deployments.kserve_api`). A client that disconnects while sending leaves one INFO
 line, not an ERROR with a traceback (the 400 written after it goes nowhere). The body read in full is handed to the
 app as one message.
 
-Ray Serve's HTTP proxy and the replica's receive loop pull the body eagerly, whatever the app reads; the
-cap bounds what the router parses and holds for a request, and an early 413 ends the request (and its
-reading) at once.
+Ray Serve's HTTP proxy and the replica's receive loop pull the body eagerly, whatever the app reads: a
+chunked body of unknown size would flow into the router's memory while it is being counted (a 200 MB one
+grew the replica by ~500 MB under load), so only bodies that declare their size are read; an answer given
+before reading (411, 413) ends the request and its reading at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import (
     InvalidRequestError,
+    LengthRequiredError,
     MethodNotAllowedError,
     NotFoundError,
     RequestTooLargeError,
@@ -91,6 +93,13 @@ class BodyLimitMiddleware:
         if declared is not None and int(declared) > limit:
             await error_response(too_large(int(declared), limit), scope)(scope, receive, send)
             return
+        if declared is None and _header(scope, b"transfer-encoding") is not None:
+            error = LengthRequiredError(
+                "send the body with a Content-Length header: a body streamed without one is refused, because "
+                f"its size cannot be checked against the limit ({LIMIT_NAME} {limit}) before it is read",
+                param="Content-Length")
+            await error_response(error, scope)(scope, receive, send)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -125,8 +134,12 @@ def _ignore_errors(send: Send) -> Send:
 
 
 def _content_length(scope: Scope) -> str | None:
+    return _header(scope, b"content-length")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
-        if key.lower() == b"content-length":
+        if key.lower() == name:
             return value.decode("latin-1").strip()
     return None
 

@@ -17,7 +17,7 @@ from deployments.kserve_api import HEADER_LENGTH, InferRequestHeader
 class ErrorDetail(BaseModel):
     message: str = Field(description="What is wrong, with the numbers (e.g. `has 5120 tokens; the limit is 4096`).")
     type: str = Field(description="invalid_request_error, input_too_long, authentication_error, not_found_error, "
-                                  "method_not_allowed, request_too_large, service_unavailable or internal_error.")
+                                  "method_not_allowed, length_required, request_too_large, service_unavailable or internal_error.")
     param: str | None = Field(description="The field, header or limit at fault, e.g. `conversations[1]`.")
     code: int = Field(description="The HTTP status.")
 
@@ -45,6 +45,7 @@ _ERRORS = {
     400: "The request breaks a rule or a limit; the message names the field and the numbers.",
     401: "The API key is missing or wrong (only when the service is configured with one).",
     404: "No such route or model.",
+    411: "A body without `Content-Length` (chunked): its size must be known before it is read.",
     413: "The body (or its decompressed size) is over `router.max_request_bytes`.",
     503: "The model is unavailable or the service is starting; retry later.",
 }

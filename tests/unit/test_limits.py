@@ -61,7 +61,7 @@ def app():
 
 
 def test_body_within_the_cap_reaches_the_route_whole(app):
-    status, body, _ = run_asgi(app, [b"x" * 400, b"y" * 600], {})
+    status, body, _ = run_asgi(app, [b"x" * 400, b"y" * 600], {"content-length": "1000"})
     assert (status, body) == (200, {"received": 1000})
 
 
@@ -74,9 +74,16 @@ def test_declared_length_over_the_cap_is_413_without_reading(app):
 
 
 def test_streamed_body_stops_at_the_cap(app):
-    status, body, pulled = run_asgi(app, [b"x" * 600] * 100, {})
+    """A server that does not hold the client to its Content-Length: the count still stops at the cap."""
+    status, body, pulled = run_asgi(app, [b"x" * 600] * 100, {"content-length": "900"})
     assert status == 413 and pulled == 2  # stopped at the chunk that crossed the cap
     assert "more than 1000 bytes (stopped reading at 1200)" in body["error"]["message"]
+
+
+def test_chunked_body_without_length_is_411_without_reading(app):
+    status, body, pulled = run_asgi(app, [b"x" * 10] * 3, {"transfer-encoding": "chunked"})
+    assert status == 411 and pulled == 0
+    assert body["error"]["type"] == "length_required" and body["error"]["param"] == "Content-Length"
 
 
 def test_bad_content_length_is_400(app):
