@@ -31,7 +31,8 @@ odd_text = st.one_of(st.text(max_size=12), st.sampled_from(["", " ", "\n", "\ud8
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
                       st.floats(allow_nan=True, allow_infinity=True), odd_text)
 any_json = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                           st.dictionaries(odd_text, inner, max_size=3)), max_leaves=8)
+                                                           st.dictionaries(st.sampled_from(["a", "role", ""]), inner,
+                                                                           max_size=2)), max_leaves=4)
 role = st.one_of(st.sampled_from(["user", "assistant", "system"]), odd_text)
 
 
@@ -58,8 +59,8 @@ score_body = st.fixed_dictionaries(
 )
 chat_body = st.fixed_dictionaries(
     {"model": maybe(st.sampled_from(["demo", "reward_model", "other"])), "messages": maybe(messages)},
-    optional={"temperature": any_json, "n": any_json, "max_tokens": any_json, "stream": maybe(st.booleans()),
-              "top_p": any_json, "unknown": any_json},
+    optional={"temperature": json_leaf, "n": json_leaf, "max_tokens": json_leaf, "stream": maybe(st.booleans()),
+              "top_p": json_leaf, "unknown": any_json},
 )
 tensor_name = maybe(st.sampled_from(["sentences", "tokens", "sequence_lengths", "add_EOS", "other"]), odd_text)
 datatype = maybe(st.sampled_from(["BYTES", "INT64", "BOOL", "FP32"]), odd_text)
