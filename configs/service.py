@@ -126,6 +126,27 @@ class RouterConfig(StrictModel):
                     "503 with Retry-After (a request arriving at an empty queue is always accepted).",
     )
 
+    # Request limits: each is checked before the work it bounds and answered with a 413 or 400 that names
+    # the limit and the value. The defaults fit the largest legitimate request, 256 conversations of 4096
+    # tokens (JSON of such text is ~6 MB even with every character \u-escaped; as KServe INT64 tokens 8 MB).
+    max_request_bytes: int = Field(
+        default=16 * 2**20, gt=0,
+        description="Largest request body in bytes, counted as it is read and again after gzip/deflate "
+                    "decompression; a bigger one gets 413 without being read further.",
+    )
+    max_messages_per_conversation: int = Field(default=2048, gt=0, description="Messages per conversation.")
+    max_prompts_per_request: int = Field(
+        default=1024, gt=0,
+        description="Prompts scored for one request: one per conversation, one per assistant turn with "
+                    "`turns: \"all\"`, one per response of a best-of-N item, one per KServe row.",
+    )
+    max_tokens_per_request: int = Field(
+        default=256 * 4096, gt=0, description="Tokens scored for one request, over all its prompts (after fitting)."
+    )
+    tokenizer_threads: int = Field(
+        default=2, ge=1, description="Threads of the router's tokenization pool (the event loop never tokenizes)."
+    )
+
     @model_validator(mode="after")
     def _check_queue(self) -> RouterConfig:
         if self.max_queued_tokens < self.max_tokens_per_batch:
@@ -231,11 +252,11 @@ class ServiceConfig(StrictModel):
                 f"parallel.max_tokens_per_micro_batch {self.parallel.max_tokens_per_micro_batch} is below the "
                 f"per-conversation limit {limit}"
             )
-        if self.router.max_tokens_per_batch < limit:
-            raise ValueError(
-                f"router.max_tokens_per_batch {self.router.max_tokens_per_batch} is below the "
-                f"per-conversation limit {limit}"
-            )
+        for name in ("max_tokens_per_batch", "max_tokens_per_request"):
+            if getattr(self.router, name) < limit:
+                raise ValueError(
+                    f"router.{name} {getattr(self.router, name)} is below the per-conversation limit {limit}"
+                )
 
     @property
     def max_batches_in_flight(self) -> int:

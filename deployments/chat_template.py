@@ -67,18 +67,31 @@ class ChatTemplatePrompt:
             raise InputTooLongError(conversation_index, len(ids), max_tokens, field=field)
         system = [m for m in messages[:1] if m.role == "system"]
         rest = list(messages[len(system):])
-        while len(rest) > 1:
-            rest = rest[2:] if len(rest) > 2 and rest[0].role == "user" else rest[1:]
-            kept = self.encode(self.render(system + rest))
+        starts, start = [], 0  # where the kept messages start after each drop step, in drop order
+        while len(rest) - start > 1:
+            start += 2 if len(rest) - start > 2 and rest[start].role == "user" else 1
+            starts.append(start)
+        # Fewer messages render to fewer tokens: binary search for the first step that fits (O(tokens log
+        # turns), where re-rendering after every step was O(tokens x turns)).
+        low, high, best = 0, len(starts) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            kept = self.encode(self.render(system + rest[starts[middle]:]))
             if len(kept) <= max_tokens:
-                return TokenizedPrompt(kept, truncated=True)
+                best, high = kept, middle - 1
+            else:
+                low = middle + 1
+        if best is not None:
+            return TokenizedPrompt(best, truncated=True)
         raise InputTooLongError(conversation_index, len(ids), max_tokens, field=field,
                                 detail="truncate=left cannot fit it: the last turn alone is over the limit")
 
     def tokenize_turns(self, messages: Sequence[Any], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
-        """One prompt per assistant turn: the conversation rendered up to and including that turn."""
-        return [(i, self.tokenize_conversation(messages[: i + 1], **kwargs))
-                for i, message in enumerate(messages) if message.role == "assistant"]
+        """One prompt per assistant turn: the conversation rendered up to and including that turn. The whole
+        conversation goes first, so an over-long one is refused after one encoding."""
+        indices = [i for i, message in enumerate(messages) if message.role == "assistant"]
+        prompts = [(i, self.tokenize_conversation(messages[: i + 1], **kwargs)) for i in reversed(indices)]
+        return prompts[::-1]
 
     def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
         """A pre-formatted prompt over the limit keeps its last `max_tokens` tokens (the scored end)."""

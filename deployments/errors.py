@@ -76,6 +76,20 @@ class InputTooLongError(InvalidRequestError):
         return (type(self), (self.conversation_index, self.num_tokens, self.limit_tokens, self.detail, self.field))
 
 
+class RequestTooLargeError(ServiceError):
+    """The request body is over `router.max_request_bytes` (as sent or decompressed)."""
+
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class LengthRequiredError(ServiceError):
+    """A request body sent without `Content-Length` (chunked): its size cannot be checked before it is read."""
+
+    status_code = 411
+    error_type = "length_required"
+
+
 class AuthenticationError(ServiceError):
     """The API key is missing or wrong (`Authorization: Bearer <key>`)."""
 
@@ -88,6 +102,13 @@ class NotFoundError(ServiceError):
 
     status_code = 404
     error_type = "not_found_error"
+
+
+class MethodNotAllowedError(ServiceError):
+    """The route exists but does not take this HTTP method."""
+
+    status_code = 405
+    error_type = "method_not_allowed"
 
 
 class ServiceUnavailableError(ServiceError):
@@ -119,9 +140,19 @@ def service_error_from_body(status_code: int, body: Any) -> ServiceError:
     if not isinstance(error, dict):
         return ServiceError(f"HTTP {status_code}: {str(body)[:500]}")
     types = {cls.status_code: cls for cls in (InvalidRequestError, AuthenticationError, NotFoundError,
-                                              ServiceUnavailableError)}
+                                              LengthRequiredError, RequestTooLargeError, ServiceUnavailableError)}
     cls = types.get(status_code, ServiceError)
     return cls(str(error.get("message", f"HTTP {status_code}")), param=error.get("param"))
+
+
+def error_body(error: ServiceError, path: str) -> dict[str, Any]:
+    """The JSON body of an error answered on `path` (below the route prefix): the single place that
+    decides the error shape of every route and status (404, 405, 413, body-parse errors included). Under
+    `/v2` it is KServe's `{"error": message}` (what Triton and KServe clients parse); elsewhere the
+    service's `{"error": {"message", "type", "param", "code"}}`."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": error.message}
+    return error.to_body()
 
 
 def unwrap_service_error(exc: BaseException) -> ServiceError | None:

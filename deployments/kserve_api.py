@@ -15,7 +15,6 @@ for no particular outputs); the response then carries the same header.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import struct
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from deployments.errors import InvalidRequestError, NotFoundError
+from deployments.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from deployments.schemas import StrictBody, invalid_request_from_errors
 
 SERVED_MODEL_NAME = "reward_model"
@@ -38,6 +37,7 @@ INPUTS = {"sentences": ("BYTES", [-1, 1]), "tokens": ("INT64", [-1, -1]),
           "sequence_lengths": ("INT64", [-1, 1]), "add_EOS": ("BOOL", [-1, 1])}
 OUTPUT_NAMES = ("rewards", "exceeded")
 _NUMPY_TYPES = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4"), "FP32": np.dtype("<f4"), "BOOL": np.dtype("?")}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _JSON_TYPES = {"BYTES": (str,), "INT64": (int,), "BOOL": (bool,)}
 
 
@@ -84,9 +84,12 @@ class InferRequest:
     outputs: list[tuple[str, bool]]  # (name, binary) in the order to answer
 
 
-def parse_infer_request(body: bytes, header_length: str | None, content_encoding: str | None) -> InferRequest:
-    """Decodes a JSON or binary-extension request; raises InvalidRequestError naming the field."""
-    body = _decompress(body, content_encoding)
+def parse_infer_request(
+    body: bytes, header_length: str | None, content_encoding: str | None, max_bytes: int | None = None
+) -> InferRequest:
+    """Decodes a JSON or binary-extension request; raises InvalidRequestError naming the field, and
+    RequestTooLargeError when a compressed body decompresses to more than `max_bytes`."""
+    body = _decompress(body, content_encoding, max_bytes)
     json_size = len(body)
     if header_length is not None:
         try:
@@ -121,7 +124,7 @@ def parse_infer_request(body: bytes, header_length: str | None, content_encoding
                 raise InvalidRequestError(
                     f"{param}: binary_data_size {size} runs past the end of the body", param=f"{param}.parameters"
                 )
-            raw = bytes(binary[offset:offset + size])
+            raw = binary[offset:offset + size]  # a view: numpy reads the tensors in place
             offset += size
         tensors[tensor.name] = _decode_tensor(tensor, raw, param)
     if offset != len(binary):
@@ -244,28 +247,32 @@ def check_model_version(version: str | None) -> None:
                             param="model_version")
 
 
-def kserve_error_body(message: str) -> dict[str, str]:
-    """KServe v2's error shape, `{"error": "<message>"}`, used on every `/v2` route (tritonclient and
-    PyTriton read the message from it). Our messages start with the failing field, e.g. `inputs[0].datatype: ...`."""
-    return {"error": message}
-
-
 def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "reward-serve", "version": version, "extensions": ["binary_tensor_data"]}
 
 
-def _decompress(body: bytes, content_encoding: str | None) -> bytes:
+def _decompress(body: bytes, content_encoding: str | None, max_bytes: int | None) -> bytes:
+    """gzip or deflate (zlib) bodies, decompressed as a stream that stops at `max_bytes`."""
     encoding = (content_encoding or "identity").strip().lower()
-    try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error) as exc:
-        raise InvalidRequestError(f"the body is not valid {encoding} data: {exc}", param="Content-Encoding") from None
-    if encoding != "identity":
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
         raise InvalidRequestError(f"Content-Encoding {encoding!r} is not supported", param="Content-Encoding")
-    return body
+    stream = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = stream.decompress(body, 0 if max_bytes is None else max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidRequestError(f"the body is not valid {encoding} data: {exc}", param="Content-Encoding") from None
+    if max_bytes is not None and len(out) > max_bytes:
+        raise RequestTooLargeError(
+            f"the decompressed body has more than {max_bytes} bytes; the limit (router.max_request_bytes) is "
+            f"{max_bytes}", param="router.max_request_bytes",
+        )
+    if not stream.eof or stream.unused_data:
+        problem = "ends before its end (truncated)" if not stream.eof else "has bytes after its end"
+        raise InvalidRequestError(f"the body is not valid {encoding} data: the stream {problem}",
+                                  param="Content-Encoding")
+    return out
 
 
 def _requested_outputs(header: InferRequestHeader) -> list[tuple[str, bool]]:
@@ -284,7 +291,7 @@ def _requested_outputs(header: InferRequestHeader) -> list[tuple[str, bool]]:
     return requested
 
 
-def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.ndarray:
+def _decode_tensor(tensor: InputTensor, raw: memoryview | None, param: str) -> np.ndarray:
     datatype, spec_shape = INPUTS[tensor.name]
     if tensor.datatype != datatype:
         raise InvalidRequestError(
@@ -307,7 +314,8 @@ def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.nda
         values = _flatten(tensor.data)
         if len(values) != count or not all(_json_type_ok(v, datatype) for v in values):
             raise InvalidRequestError(
-                f"{param}.data: expected {count} {datatype} values for shape {shape}", param=f"{param}.data"
+                f"{param}.data: expected {count} {datatype} values for shape {shape}"
+                + (" (INT64: integers in [-2**63, 2**63))" if datatype == "INT64" else ""), param=f"{param}.data"
             )
         if datatype == "BYTES":
             return np.array([v.encode("utf-8") for v in values], dtype=object).reshape(shape)
@@ -322,7 +330,7 @@ def _decode_tensor(tensor: InputTensor, raw: bytes | None, param: str) -> np.nda
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _split_bytes_elements(raw: bytes, count: int, param: str) -> list[bytes]:
+def _split_bytes_elements(raw: memoryview, count: int, param: str) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
@@ -331,7 +339,7 @@ def _split_bytes_elements(raw: bytes, count: int, param: str) -> list[bytes]:
         offset += 4
         if offset + size > len(raw):
             break
-        elements.append(raw[offset:offset + size])
+        elements.append(bytes(raw[offset:offset + size]))
         offset += size
     if offset != len(raw) or len(elements) != count:
         raise InvalidRequestError(
@@ -349,8 +357,8 @@ def _flatten(data: Sequence[Any]) -> list[Any]:
 
 
 def _json_type_ok(value: Any, datatype: str) -> bool:
-    if datatype == "INT64" and isinstance(value, bool):
-        return False
+    if datatype == "INT64":
+        return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
     return isinstance(value, _JSON_TYPES[datatype])
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field, StrictStr, field_validator
+from pydantic_core import PydanticCustomError
 
 from deployments.schemas import Message, StrictBody, attribute_string, check_message_roles
 
@@ -27,10 +28,37 @@ class ChatCompletionRequest(StrictBody):
         min_length=1, description="The conversation; the last message must be the assistant's (it is scored)."
     )
 
+    # Generation parameters that SDKs and tools send by default: accepted and ignored, as the hosted API does
+    # (a reward model generates nothing; one choice is answered). Unknown names are still refused.
+    n: Any = Field(default=None, description="Accepted and ignored.")
+    temperature: Any = Field(default=None, description="Accepted and ignored.")
+    top_p: Any = Field(default=None, description="Accepted and ignored.")
+    max_tokens: Any = Field(default=None, description="Accepted and ignored.")
+    max_completion_tokens: Any = Field(default=None, description="Accepted and ignored.")
+    stop: Any = Field(default=None, description="Accepted and ignored.")
+    seed: Any = Field(default=None, description="Accepted and ignored.")
+    presence_penalty: Any = Field(default=None, description="Accepted and ignored.")
+    frequency_penalty: Any = Field(default=None, description="Accepted and ignored.")
+    logit_bias: Any = Field(default=None, description="Accepted and ignored.")
+    logprobs: Any = Field(default=None, description="Accepted and ignored (the attributes always come as logprobs).")
+    top_logprobs: Any = Field(default=None, description="Accepted and ignored.")
+    user: Any = Field(default=None, description="Accepted and ignored.")
+    stream_options: Any = Field(default=None, description="Accepted and ignored.")
+    stream: bool | None = Field(default=None, description="Only false: a score is one answer, not a stream.")
+
     @field_validator("messages")
     @classmethod
     def _check_roles(cls, messages: list[Message]) -> list[Message]:
         return check_message_roles(messages)
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, stream: bool | None) -> bool | None:
+        if stream:
+            raise PydanticCustomError(
+                "stream_unsupported", "streaming is not supported: a reward score is one answer; send stream: false"
+            )
+        return stream
 
 
 def trained_attributes(attributes: Mapping[str, float]) -> dict[str, float]:

@@ -4,9 +4,14 @@ A conversation renders as a system segment, one segment per turn and the end mar
 
     <extra_id_0>System\\n{system}\\n<extra_id_1>User\\n{text}\\n<extra_id_1>Assistant\\n{text}\\n<extra_id_2>
 
-The model reads its score at the last token, `<extra_id_2>`. Every segment starts with an `<extra_id_N>`
-piece, so tokenizing segment by segment gives the same ids as tokenizing the whole string; that lets
-truncation count and drop whole turns without re-tokenizing.
+The model reads its score at the last token, `<extra_id_2>`. Tokenization is the reference server's: one
+`SentencePieceProcessor.encode` of the whole rendered prompt, for any SentencePiece model (with or without
+a dummy prefix, identity or NFKC normalization, byte fallback). The markers are user-defined pieces, which
+SentencePiece never merges with their neighbours, so the turns' boundaries are the marker tokens that start
+them, and the tokens before a marker do not depend on what follows it: the prompt of every prefix of a
+conversation is a prefix of the conversation's tokens plus the end marker (`tokenize_turns` encodes each
+conversation once), and truncation drops whole turns by index arithmetic. Fitting is O(tokens)
+(`deployments.truncation`).
 """
 
 from __future__ import annotations
@@ -14,23 +19,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 
-from deployments.errors import InputTooLongError
 from deployments.schemas import Message
+from deployments.truncation import (
+    END_MARKER,
+    ROLE_LABELS,
+    SYSTEM_MARKER,
+    TURN_MARKER,
+    SegmentedPrompt,
+    TokenizedPrompt,
+    TruncateMode,
+    fit_prompt,
+    fit_token_ids as _fit_token_ids,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions."
 )
-SYSTEM_MARKER = "<extra_id_0>"
-TURN_MARKER = "<extra_id_1>"
-END_MARKER = "<extra_id_2>"
-ROLE_LABELS = {"user": "User", "assistant": "Assistant"}
-
-TruncateMode = Literal["none", "left"]
+MARKERS = (SYSTEM_MARKER, TURN_MARKER, END_MARKER)
 
 
 @dataclass(frozen=True)
@@ -68,18 +79,27 @@ def render_prompt(messages: Sequence[Message]) -> str:
 
 
 class SentencePieceTokenizer:
-    """Plain SentencePiece encoding without BOS/EOS, checked to keep the chat markers as single pieces."""
+    """SentencePiece encoding without BOS/EOS, as the reference server encodes a rendered prompt.
+
+    The chat markers must be user-defined pieces (one token each, never merged with their neighbours); a
+    model that adds a dummy prefix gives it once, at the start of the prompt, as the reference does."""
 
     def __init__(self, model_path: str | Path):
         self._sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.model_path = Path(model_path)
-        for marker in (SYSTEM_MARKER, TURN_MARKER, END_MARKER):
-            marker_id = self._sp.piece_to_id(marker)
-            if marker_id == self._sp.unk_id() or self.encode(marker) != [marker_id]:
+        self.marker_ids = {marker: self._sp.piece_to_id(marker) for marker in MARKERS}
+        system_ids = self.encode(SYSTEM_MARKER)
+        self.dummy_prefix_ids = system_ids[:-1]  # [] or the dummy-prefix piece a whole-string encode starts with
+        for marker, marker_id in self.marker_ids.items():
+            alone = self.encode(marker)
+            inside = self.encode(f"a{marker}b")
+            if (marker_id == self._sp.unk_id() or alone != self.dummy_prefix_ids + [marker_id]
+                    or inside.count(marker_id) != 1):
                 raise ValueError(
-                    f"tokenizer {model_path} does not encode {marker} as one piece (got {self.encode(marker)}); "
-                    "the reward prompt needs its markers as single tokens"
+                    f"tokenizer {model_path} does not encode {marker} as one piece of its own (got {alone} alone, "
+                    f"{inside} inside text); the reward prompt needs its markers as single tokens"
                 )
+        self._header_ids = {role: self._stable_prefix(f"{TURN_MARKER}{label}\n") for role, label in ROLE_LABELS.items()}
 
     @property
     def vocab_size(self) -> int:
@@ -93,20 +113,135 @@ class SentencePieceTokenizer:
         return self._sp.piece_to_id(piece)
 
     def encode(self, text: str) -> list[int]:
+        """The whole-string encoding (the reference server's)."""
         return self._sp.encode(text, out_type=int)
+
+    def encode_segment(self, segment: str) -> list[int]:
+        """The tokens of `segment` (which starts with a marker) where it stands inside a prompt: followed by a
+        marker, and without the dummy prefix that only the prompt's start gets."""
+        return self.encode(segment + END_MARKER)[len(self.dummy_prefix_ids):-1]
+
+    def header_ids(self, role: str) -> list[int]:
+        """The tokens every `<extra_id_1>{Role}\\n{text}` segment starts with, whatever the text (with NFKC
+        the newline is whitespace that joins the text's first piece)."""
+        return self._header_ids[role]
+
+    def _stable_prefix(self, header: str) -> list[int]:
+        alone, followed = self.encode_segment(header), self.encode_segment(header + "x")
+        length = 0
+        while length < min(len(alone), len(followed)) and alone[length] == followed[length]:
+            length += 1
+        return alone[:length]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._sp.decode(list(token_ids))
 
+    def segment_starts(self, text: str, ids: list[int], segment_lengths: Sequence[int]) -> list[int]:
+        """Token index where each segment of `text` starts in its whole-string encoding `ids`. Each segment
+        starts with a marker token; markers that a segment's own text contains are counted past. When the
+        marker tokens do not add up (a normalization that makes a marker out of other characters), the
+        pieces' byte offsets decide instead."""
+        marker_ids = set(self.marker_ids.values())
+        expected, offset = [], 0
+        for length in segment_lengths:
+            segment = text[offset:offset + length]
+            expected.append(sum(segment.count(marker) for marker in MARKERS))
+            offset += length
+        positions = [i for i, token in enumerate(ids) if token in marker_ids]
+        if len(positions) == sum(expected):
+            starts, seen = [], 0
+            for count in expected:
+                starts.append(positions[seen])
+                seen += count
+            return starts
+        return self._segment_starts_by_offsets(text, segment_lengths)
 
-@dataclass(frozen=True)
-class TokenizedPrompt:
-    token_ids: list[int]
-    truncated: bool
+    def _segment_starts_by_offsets(self, text: str, segment_lengths: Sequence[int]) -> list[int]:
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        starts, byte_offset, offset, index = [], 0, 0, 0
+        for n, length in enumerate(segment_lengths):
+            while n and index < len(pieces) and pieces[index].begin < byte_offset:
+                index += 1
+            starts.append(0 if n == 0 else index)
+            byte_offset += len(text[offset:offset + length].encode("utf-8"))
+            offset += length
+        return starts
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def piece_offsets(self, segment: str) -> list[int]:
+        """Byte offset in `segment` where each of `encode_segment(segment)`'s pieces begins."""
+        pieces = self._sp.encode(segment + END_MARKER, return_type="proto").pieces
+        return [piece.begin for piece in pieces][len(self.dummy_prefix_ids):-1]
+
+
+class _EncodedConversation(SegmentedPrompt):
+    """A conversation encoded once: its turns cut inside re-render their text (header, kept text, newline)."""
+
+    def __init__(self, messages: Sequence[Message], tokenizer: SentencePieceTokenizer):
+        segments = render_segments(messages)
+        text = segments.text
+        ids = tokenizer.encode(text)
+        lengths = [len(segments.system), *map(len, segments.turns), len(segments.end)]
+        starts = tokenizer.segment_starts(text, ids, lengths)
+        turns = [m for m in messages if m.role != "system"]
+        super().__init__(ids, starts[1:])
+        self._tokenizer = tokenizer
+        self._roles = [m.role for m in turns]
+        self._contents = [m.content for m in turns]
+
+    def role(self, index: int) -> str:
+        return self._roles[index]
+
+    def cut_turn(self, index: int, budget: int) -> list[int] | None:
+        tokenizer, role, content = self._tokenizer, self._roles[index], self._contents[index]
+        header = f"{TURN_MARKER}{ROLE_LABELS[role]}\n"
+        if budget < len(tokenizer.header_ids(role)) + 2:  # header, one token of text, the newline
+            return None
+        segment = f"{header}{content}\n"
+        offsets = tokenizer.piece_offsets(segment)
+        raw = segment.encode("utf-8")
+        content_start, content_end = len(header.encode("utf-8")), len(raw) - 1
+        keep = budget - len(tokenizer.header_ids(role))
+        for _ in range(8):  # re-encoding the cut text can take a few tokens more than it kept: shrink and retry
+            cut = max(content_start, offsets[max(0, len(offsets) - keep)])
+            if not raw[cut:content_end].strip():  # nothing but whitespace would be left of the text
+                return None
+            ids = tokenizer.encode_segment(header + raw[cut:content_end].decode("utf-8") + "\n")
+            if len(ids) <= budget:
+                return ids
+            keep -= len(ids) - budget
+            if keep < 1:
+                return None
+        return None
+
+
+class _TokenPrompt(SegmentedPrompt):
+    """An already formatted prompt's tokens (KServe): turns start at `<extra_id_1>`; a turn cut inside keeps
+    its header tokens (`<extra_id_1>User\\n` / `<extra_id_1>Assistant\\n` when they are there)."""
+
+    def __init__(self, ids: list[int], tokenizer: SentencePieceTokenizer):
+        turn_id, end_id = tokenizer.piece_id(TURN_MARKER), tokenizer.piece_id(END_MARKER)
+        end = len(ids) - 1 if ids and ids[-1] == end_id else len(ids)
+        # numpy: a million turn markers make 8 MB of starts here, not 36 MB of Python ints
+        super().__init__(ids, np.append(np.flatnonzero(np.asarray(ids, dtype=np.int64)[:end] == turn_id), end))
+        self._headers = {role: tokenizer.header_ids(role) for role in ROLE_LABELS}
+
+    def _header(self, index: int) -> tuple[str, int]:
+        """(role, header tokens) of a turn, from its first tokens (looked at only for the turns fitting needs)."""
+        a, b = self.turn_starts[index], self.turn_starts[index + 1]
+        for role, header in self._headers.items():
+            if a + len(header) < b and self.ids[a:a + len(header)] == header:
+                return role, len(header)
+        return "?", 1
+
+    def role(self, index: int) -> str:
+        return self._header(index)[0]
+
+    def cut_turn(self, index: int, budget: int) -> list[int] | None:
+        a, b = self.turn_starts[index], self.turn_starts[index + 1]
+        header = self._header(index)[1]
+        if budget < header + 1:
+            return None
+        return self.ids[a:a + header] + self.ids[max(a + header, b - (budget - header)):b]
 
 
 def tokenize_conversation(
@@ -120,13 +255,11 @@ def tokenize_conversation(
 ) -> TokenizedPrompt:
     """Renders and tokenizes one conversation within `max_tokens`.
 
-    `truncate="none"` raises InputTooLongError when over the limit. `truncate="left"` drops the oldest
-    turns whole, then the oldest tokens of the last remaining turn, always keeping the system segment,
-    at least one token of the scored assistant turn's end, and `<extra_id_2>`; it raises
-    InputTooLongError when even that cannot fit. `field` names the input in the error (another API's term).
-    """
-    system_ids, turn_ids, end_ids = _encode_segments(messages, tokenizer)
-    return _fit(system_ids, turn_ids, end_ids, max_tokens, truncate, conversation_index, field)
+    `truncate="none"` raises InputTooLongError when over the limit; `truncate="left"` fits it as
+    `deployments.truncation.fit_prompt` says (system text, scored turn and its question kept whenever they
+    fit) and raises InputTooLongError when even that cannot fit. `field` names the input in the error."""
+    encoded = _EncodedConversation(messages, tokenizer)
+    return fit_prompt(encoded, encoded.num_turns - 1, max_tokens, truncate, conversation_index, field)
 
 
 def tokenize_turns(
@@ -138,93 +271,25 @@ def tokenize_turns(
     conversation_index: int = 0,
 ) -> list[tuple[int, TokenizedPrompt]]:
     """One prompt per assistant turn, as the reference annotator scores them: the conversation up to and
-    including that turn, then `<extra_id_2>`. Returns `(message index, prompt)` in turn order. Each
-    segment is encoded once; limits and truncation apply to each prefix as in `tokenize_conversation`."""
-    system_ids, turn_ids, end_ids = _encode_segments(messages, tokenizer)
+    including that turn, then `<extra_id_2>`. Returns `(message index, prompt)` in turn order. The
+    conversation is encoded once; limits and truncation apply to each prefix as in `tokenize_conversation`."""
+    encoded = _EncodedConversation(messages, tokenizer)
     offset = 1 if messages and messages[0].role == "system" else 0
     indices = [i for i, message in enumerate(messages) if message.role == "assistant"]
     # The last prefix is the whole conversation: fitting it first reports an over-long conversation with
     # its full token count, exactly as `turns: "last"` does.
-    prompts = [
-        (i, _fit(system_ids, turn_ids[: i - offset + 1], end_ids, max_tokens, truncate, conversation_index, None))
-        for i in reversed(indices)
-    ]
+    prompts = [(i, fit_prompt(encoded, i - offset, max_tokens, truncate, conversation_index, None))
+               for i in reversed(indices)]
     return prompts[::-1]
 
 
 def fit_token_ids(token_ids: Sequence[int], tokenizer: SentencePieceTokenizer, *, max_tokens: int) -> TokenizedPrompt:
-    """Fits an already formatted prompt (the KServe/Triton route's input) into `max_tokens` the way
-    `truncate="left"` fits a conversation, so the score is still read at the real `<extra_id_2>`: the
-    prompt is split into its segments at the `<extra_id_1>` markers (what precedes the first is the system
-    segment, a trailing `<extra_id_2>` the end), then older turns are dropped whole and the oldest tokens of
-    the first kept turn cut. A system segment that leaves no room is dropped too; a prompt without markers
-    keeps its last tokens. `truncated` is set when tokens were dropped."""
-    ids = list(token_ids)
-    if len(ids) <= max_tokens:
-        return TokenizedPrompt(ids, truncated=False)
-    end = ids[-1:] if ids[-1] == tokenizer.piece_id(END_MARKER) else []
-    body = ids[: len(ids) - len(end)]
-    turn_marker_id = tokenizer.piece_id(TURN_MARKER)
-    starts = [i for i, token in enumerate(body) if token == turn_marker_id]
-    if not starts or starts[0] + len(end) >= max_tokens:
-        head, turns = [], [body]
-    else:
-        head = body[: starts[0]]
-        turns = [body[a:b] for a, b in zip(starts, starts[1:] + [len(body)])]
-    return _fit(head, turns, end, max_tokens, "left", 0, None)
-
-
-def _encode_segments(
-    messages: Sequence[Message], tokenizer: SentencePieceTokenizer
-) -> tuple[list[int], list[list[int]], list[int]]:
-    segments = render_segments(messages)
-    return (
-        tokenizer.encode(segments.system),
-        [tokenizer.encode(turn) for turn in segments.turns],
-        tokenizer.encode(segments.end),
-    )
-
-
-def _fit(
-    system_ids: list[int],
-    turn_ids: Sequence[list[int]],
-    end_ids: list[int],
-    max_tokens: int,
-    truncate: TruncateMode,
-    conversation_index: int,
-    field: str | None,
-) -> TokenizedPrompt:
-    total = len(system_ids) + sum(len(ids) for ids in turn_ids) + len(end_ids)
-    if total <= max_tokens:
-        return TokenizedPrompt(_join(system_ids, turn_ids, end_ids), truncated=False)
-    if truncate == "none":
-        raise InputTooLongError(conversation_index, total, max_tokens, field=field)
-
-    fixed = len(system_ids) + len(end_ids)
-    room_for_turns = max_tokens - fixed
-    if room_for_turns < 1:
-        raise InputTooLongError(
-            conversation_index,
-            total,
-            max_tokens,
-            detail=f"truncate=left cannot fit it: the system prompt and end marker alone take {fixed} tokens",
-            field=field,
-        )
-    kept = list(turn_ids)
-    while len(kept) > 1 and sum(len(ids) for ids in kept) > room_for_turns:
-        kept.pop(0)
-    overflow = sum(len(ids) for ids in kept) - room_for_turns
-    if overflow > 0:
-        kept[0] = kept[0][overflow:]
-    return TokenizedPrompt(_join(system_ids, kept, end_ids), truncated=True)
-
-
-def _join(system_ids: list[int], turn_ids: Sequence[list[int]], end_ids: list[int]) -> list[int]:
-    out = list(system_ids)
-    for ids in turn_ids:
-        out.extend(ids)
-    out.extend(end_ids)
-    return out
+    """Fits an already formatted prompt (the KServe/Triton route's input) into `max_tokens` as
+    `truncate="left"` fits a conversation, so the score is still read at the real `<extra_id_2>`: what
+    precedes the first `<extra_id_1>` is the system segment, a trailing `<extra_id_2>` the end, each
+    `<extra_id_1>` starts a turn. When that cannot fit (no markers, or a system segment that leaves no
+    room), the prompt keeps its last `max_tokens` tokens. `truncated` is set when tokens were dropped."""
+    return _fit_token_ids(_TokenPrompt(list(token_ids), tokenizer), max_tokens)
 
 
 class SteerLMPrompt:

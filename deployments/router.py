@@ -11,24 +11,24 @@ concurrent requests share one pull-based token-budget queue per replica (`deploy
 than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
 Errors leave as the typed errors of `deployments.errors`: as JSON in one shape over HTTP, as the same
 types to handle callers. The optional API key (`deployments.auth`) and the request metrics
-(`deployments.metrics`) live in the HTTP middleware. No torch here, directly or indirectly.
+(`deployments.metrics`) live in the HTTP middleware. Request limits (`deployments.limits`, body size in
+`deployments.http_body`) are checked before the work they bound; tokenization and KServe decoding run on a
+bounded thread pool. No torch here, directly or indirectly.
 """
 
 import asyncio
+import functools
 import logging
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from configs.service import ServiceConfig
 from deployments.auth import ApiKeyCheck, load_api_key
@@ -49,14 +49,30 @@ from deployments.kserve_api import (
     InferRequest,
     check_model_version,
     encode_infer_response,
-    kserve_error_body,
     model_config,
     model_metadata,
     parse_infer_request,
     server_metadata,
     token_lists,
 )
+from deployments.http_body import (
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    error_response,
+    install_error_handlers,
+    route_path,
+)
+from deployments.http_body import request_id as _request_id
+from deployments.limits import (
+    check_messages,
+    check_prompts,
+    check_raw_score_request,
+    check_score_request,
+    check_tokens,
+    parse_json,
+)
 from deployments.metrics import RouterMetrics
+from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi, json_body_docs
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse, get_reward_body
 from deployments.rendered_prompts import tokenize_rendered
@@ -85,11 +101,13 @@ from sharding.forest import unique_tokens
 logger = logging.getLogger("ray.serve")
 
 SERVICE_VERSION = "0.1.0"
-REQUEST_ID_HEADER = "x-request-id"
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling"})
-MAX_REQUEST_ID_CHARS = 128
 
 app = FastAPI(title="Reward scoring service")
+# Inside the request middleware below (added later = outer), so a keyless request gets 401 before its body is read.
+app.add_middleware(BodyLimitMiddleware, limit_bytes=lambda: getattr(app.state, "max_request_bytes", None))
+install_error_handlers(app)
+install_openapi(app)
 
 
 def as_service_error(exc: BaseException) -> ServiceError | None:
@@ -103,34 +121,8 @@ def as_service_error(exc: BaseException) -> ServiceError | None:
     return unavailable_error_from(exc)
 
 
-def _request_id(request: Request) -> str:
-    """The caller's X-Request-Id (Serve's proxy adds one when missing), else a new one; cached."""
-    cached = getattr(request.state, "request_id", None)
-    if cached:
-        return cached
-    given = request.headers.get(REQUEST_ID_HEADER, "").strip()
-    request.state.request_id = given[:MAX_REQUEST_ID_CHARS] if given else uuid.uuid4().hex
-    return request.state.request_id
-
-
-def _error_response(error: ServiceError, request: Request | None = None) -> JSONResponse:
-    """The error JSON for a route: KServe's `{"error": message}` under `/v2`, the service's shape elsewhere;
-    `Retry-After` when the error carries one (a full queue)."""
-    retry_after_s = getattr(error, "retry_after_s", None)
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    if request is not None and _is_kserve_path(_route_path(request)):
-        return JSONResponse(status_code=error.status_code, content=kserve_error_body(error.message), headers=headers)
-    return JSONResponse(status_code=error.status_code, content=error.to_body(), headers=headers)
-
-
-def _is_kserve_path(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
-
-
-def _route_path(request: Request) -> str:
-    """The request path below the app's route prefix (Serve passes the prefix as `root_path`)."""
-    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
-    return (path[len(root):] or "/") if root and path.startswith(root) else path
+def _error_response(error: ServiceError, request: Request) -> JSONResponse:
+    return error_response(error, request.scope)
 
 
 def requires_api_key(path: str) -> bool:
@@ -143,7 +135,7 @@ async def _request_middleware(request: Request, call_next):
     """Request id, API key (before any body parsing, so a keyless request always gets 401), and the
     per-route request counter."""
     request_id = _request_id(request)
-    if requires_api_key(_route_path(request)):
+    if requires_api_key(route_path(request.scope)):
         try:
             request.app.state.api_key_check.check(request.headers.get("authorization"))
         except AttributeError:  # the router has not finished starting: never serve unchecked
@@ -169,7 +161,7 @@ async def _drain_middleware(request: Request, call_next):
     """Counts the HTTP requests in flight; once `Router.drain` was called, new ones get a 503."""
     state = request.app.state
     if getattr(state, "draining", False):
-        return _error_response(ServiceUnavailableError("the service is shutting down"))
+        return _error_response(ServiceUnavailableError("the service is shutting down"), request)
     state.in_flight = getattr(state, "in_flight", 0) + 1
     try:
         return await call_next(request)
@@ -180,28 +172,6 @@ async def _drain_middleware(request: Request, call_next):
 def _route_name(request: Request) -> str:
     route = request.scope.get("route")
     return getattr(route, "path", None) or "unmatched"
-
-
-@app.exception_handler(RequestValidationError)
-async def _on_request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    error = invalid_request_from_errors(exc.errors(), body_prefix=True)
-    logger.info("request %s rejected: %s", _request_id(request), error.message)
-    return _error_response(error, request)
-
-
-@app.exception_handler(ServiceError)
-async def _on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return _error_response(exc, request)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _on_http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-    """Unknown routes and methods under `/v2` answer in KServe's error shape; elsewhere FastAPI's default."""
-    path = _route_path(request)
-    if not _is_kserve_path(path):
-        return await http_exception_handler(request, exc)
-    message = f"{request.method} {path}: {exc.detail}"
-    return JSONResponse(status_code=exc.status_code, content=kserve_error_body(message), headers=exc.headers)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -218,6 +188,9 @@ class Router:
         self._readiness = ModelReadiness(model_handle)
         self._scoring = scoring_handle
         self._metrics = RouterMetrics(self._cfg.parallel)
+        self._limits = self._cfg.router
+        self._tokenizer_pool = ThreadPoolExecutor(self._limits.tokenizer_threads, thread_name_prefix="tokenize")
+        app.state.max_request_bytes = self._limits.max_request_bytes
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
         app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
         app.state.metrics = self._metrics
@@ -249,19 +222,34 @@ class Router:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
         return attributes
 
-    async def _attributes_for(self, token_lists: Sequence[list[int]]) -> np.ndarray:
-        """float32 [N, A]: every prompt of a request enters the replica's batch queue at once, together."""
-        return await self._batcher.score(token_lists)
+    async def _attributes_for(self, token_lists: Sequence[list[int]], param: str | None = None) -> np.ndarray:
+        """float32 [N, A]: every prompt of a request enters the replica's batch queue at once, together (after
+        the per-request token limit)."""
+        check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
+        attributes = await self._batcher.score(token_lists)
+        bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
+        if bad.size:
+            raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
+                               f"the request ({bad.size} in all); no score is given")
+        return attributes
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """CPU work of a request (tokenizing, fitting, decoding KServe bodies) on the bounded tokenizer pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool,
+                                                                functools.partial(fn, *args, **kwargs))
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
 
-    def _validate(self, body: ScoreRequest | dict[str, Any]) -> ScoreRequest:
-        request = body if isinstance(body, ScoreRequest) else ScoreRequest.model_validate(body)
-        limit = self._cfg.router.max_conversations_per_request
-        field = "responses" if request.best_of_n else "conversations"
-        count = len(request.scored_conversations)
-        if count > limit:
-            raise InvalidRequestError(f"{field} has {count} items; the limit is {limit}", param=field)
+    def _validate(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
+        """A request body (bytes over HTTP, a dict or a ScoreRequest from a handle) checked against the limits
+        (counts on the raw JSON first, before it becomes models) and validated."""
+        if isinstance(body, ScoreRequest):
+            request = body
+        else:
+            raw = parse_json(body) if isinstance(body, bytes) else body
+            check_raw_score_request(raw, self._limits)
+            request = ScoreRequest.model_validate(raw)
+        check_score_request(request, self._limits)
         num_attributes = len(self._cfg.scoring.attribute_names)
         if request.weights is not None and len(request.weights) != num_attributes:
             raise InvalidRequestError(
@@ -286,7 +274,7 @@ class Router:
         return out
 
     async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
-        per_conversation = await asyncio.to_thread(self._tokenize, request)
+        per_conversation = await self._in_pool(self._tokenize, request)
         prompts = [prompt for turns in per_conversation for _, prompt in turns]
         self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
         attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
@@ -316,23 +304,28 @@ class Router:
             raise error from None
         return response.model_dump(mode="json")
 
-    @app.post("/v1/score", response_model=ScoreResponse)
-    async def score_http(self, body: ScoreRequest, http_request: Request) -> Any:
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES,
+              openapi_extra=json_body_docs(ScoreRequest))
+    async def score_http(self, http_request: Request) -> Any:
         try:
-            return await self._score_validated(self._validate(body))
+            return await self._score_validated(await self._in_pool(self._validate, await http_request.body()))
         except Exception as exc:
             return self._http_error(exc, http_request)
 
     # --- NIM / OpenAI chat completions --------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, http_request: Request) -> Any:
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, openapi_extra=json_body_docs(ChatCompletionRequest))
+    async def chat_completions(self, http_request: Request) -> Any:
         try:
+            raw = await self._in_pool(parse_json, await http_request.body())
+            if isinstance(raw, dict) and isinstance(raw.get("messages"), list):
+                check_messages(len(raw["messages"]), self._limits, "messages")
+            body = ChatCompletionRequest.model_validate(raw)
             self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
-            prompt = await asyncio.to_thread(
+            prompt = await self._in_pool(
                 self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
             )
-            attributes = await self._attributes_for([prompt.token_ids])
+            attributes = await self._attributes_for([prompt.token_ids], "messages")
             named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
             return chat_completion_body(_request_id(http_request), self._cfg.model_name, named, prompt.num_tokens)
         except Exception as exc:
@@ -344,19 +337,22 @@ class Router:
 
     # --- KServe v2 / Triton -------------------------------------------------------------------------------
 
-    @app.post("/v2/models/{model_name}/infer")
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
+    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=ERROR_RESPONSES,
+              openapi_extra=KSERVE_INFER_DOCS)
     async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
         try:
             self._check_kserve_model(model_name, model_version)
-            request = parse_infer_request(
+            request = await self._in_pool(
+                parse_infer_request,
                 await http_request.body(),
                 http_request.headers.get(HEADER_LENGTH),
                 http_request.headers.get("content-encoding"),
+                self._limits.max_request_bytes,
             )
-            prompts = await asyncio.to_thread(self._kserve_prompts, request)
+            prompts = await self._in_pool(self._kserve_prompts, request)
             self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
-            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
+            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts], "inputs")
             exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
             body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
             return Response(content=body, headers=headers)
@@ -365,6 +361,7 @@ class Router:
 
     def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
         """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""
+        check_prompts(next(iter(request.tensors.values())).shape[0], self._limits, "inputs")
         sequences = token_lists(request, self._prompt.encode, self._prompt.vocab_size, self._prompt.eos_id)
         self._check_count(len(sequences), "inputs")
         return [self._prompt.fit_token_ids(ids, max_tokens=self._limit_tokens) for ids in sequences]
@@ -417,7 +414,7 @@ class Router:
     async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
         """OpenRLHF's `--remote_rm_url`: rendered queries -> weighted rewards and per-attribute logs."""
         try:
-            prompts = await asyncio.to_thread(self._rendered_prompts, body.query, "query", True)
+            prompts = await self._in_pool(self._rendered_prompts, body.query, "query", True)
             scored = await self._score_prompts(prompts, "/get_reward")
             return get_reward_body(scored, self._cfg.scoring.attribute_names)
         except Exception as exc:
@@ -449,9 +446,9 @@ class Router:
         if body.model is not None:
             self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
         if body.messages is not None:
-            return [await asyncio.to_thread(self._prompt.tokenize_conversation, body.messages,
+            return [await self._in_pool(self._prompt.tokenize_conversation, body.messages,
                                             max_tokens=self._limit_tokens, field="messages")]
-        return await asyncio.to_thread(self._rendered_prompts, body.texts, "input", False)
+        return await self._in_pool(self._rendered_prompts, body.texts, "input", False)
 
     def _rendered_prompts(self, texts: Sequence[str], field: str, truncate: bool) -> list[TokenizedPrompt]:
         self._check_count(len(texts), field)

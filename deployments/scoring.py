@@ -60,7 +60,17 @@ class WeightedScorer:
                 w = self._checked_weights(weights, "weights")
             except ValueError as exc:
                 raise InvalidRequestError(str(exc), param="weights") from None
-        scores = array @ w
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores = array @ w
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"attributes {int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])} are not finite")
+        overflow = np.flatnonzero(~np.isfinite(scores))
+        if overflow.size:  # finite weights and attributes whose dot product overflows float64: never a null score
+            message = (f"the score of prompt {int(overflow[0])} overflows to {scores[overflow[0]]} with "
+                       f"{'these' if weights is not None else 'the service'} weights; use smaller weights")
+            if weights is None:
+                raise ValueError(message)
+            raise InvalidRequestError(message, param="weights")
         return [
             {
                 "score": float(scores[i]),

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from deployments.errors import InvalidRequestError
 from deployments.schemas import attribute_string
 from jobs.client import ScoringClient
-from jobs.pipeline import ordered_map, read_lines
+from jobs.pipeline import check_sendable, ordered_map, read_lines
 
 LABEL_RANGE = (0.0, 4.0)
 
@@ -58,12 +58,13 @@ class AnnotateSummary:
     rejected: int = 0
     skipped_earlier: int = 0
     turns_scored: int = 0
+    retries: int = 0
     problems: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         return (f"annotate: {self.lines} input lines: {self.written} written ({self.turns_scored} turns scored), "
                 f"{self.already_done} already in the output, {self.malformed} malformed, {self.rejected} rejected "
-                f"by the service, {self.skipped_earlier} skipped by an earlier run")
+                f"by the service, {self.skipped_earlier} skipped by an earlier run; {self.retries} requests retried")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def parse_line(text: str) -> SteerLMLine:
             raise MalformedLine(f"{where} must be an object with a string `from`")
         if not isinstance(turn.get("value"), str) or not turn["value"]:
             raise MalformedLine(f"{where}.value must be a non-empty string")
+        check_sendable(turn["value"], f"{where}.value", MalformedLine)
         label = turn.get("label")
         if label is not None and not isinstance(label, str):
             raise MalformedLine(f"{where}.label must be a string or null")
@@ -245,4 +247,9 @@ async def annotate(
                     setattr(summary, kind, getattr(summary, kind) + 1)
                     report(f"{input_path}:{lineno}: {problem}; skipped")
                 bar.update(1)
+            retries = getattr(client, "retries", 0)
+            if retries != summary.retries:  # the bar shows the retries as they happen
+                summary.retries = retries
+                bar.set_postfix(retries=retries, refresh=False)
+    summary.retries = getattr(client, "retries", 0)
     return summary

@@ -4,14 +4,20 @@ body of `POST /v1/score` and returns its JSON, raising the typed errors of `depl
 * `HttpScoringClient` (`--url`): HTTP with a pooled async client; the API key as a bearer token.
 * `HandleScoringClient` (`--address`): a Serve handle from inside the Ray cluster (no HTTP, no proxy).
 
-Both retry what is retryable (the service unavailable, a connection lost, a timeout) with exponential
-backoff; anything else is raised to the job, which decides per line.
+Both retry what is retryable: the service unavailable (503, a dead worker), transport errors (connection
+refused or lost, timeouts), 502 and 504 from a gateway, and the plain-text 500 Ray Serve's proxy answers
+while a router replica is dead or being replaced (the service's own errors are JSON and are not retried).
+Backoff is exponential with full jitter (a random wait up to 0.5 s, 1 s, 2 s, ... capped at 10 s), and the
+retry budget is `max_retries` retries a request; `retries` counts them all (the jobs show it as progress).
+Anything else is raised to the job, which decides per line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
 from typing import Any, Protocol
 
 import httpx
@@ -28,9 +34,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+DEFAULT_MAX_RETRIES = 12  # ~70 s of backoff on average: long enough for Serve to replace a dead replica
+RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
 class ScoringClient(Protocol):
+    retries: int
+
     async def score(self, body: dict[str, Any]) -> dict[str, Any]:
         """`POST /v1/score` semantics: the response JSON, or a ServiceError subclass."""
 
@@ -39,30 +50,45 @@ class ScoringClient(Protocol):
 
 
 class _Retrying:
-    """Retries `_score_once` on retryable errors: `max_retries` more tries, backoff doubling from 0.5 s."""
+    """Retries `_score_once` on retryable errors: up to `max_retries` more tries a request, with jittered
+    exponential backoff."""
 
     max_retries: int
+    retries: int = 0
 
     async def _score_once(self, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
     async def score(self, body: dict[str, Any]) -> dict[str, Any]:
-        delay_s = FIRST_BACKOFF_S
         for attempt in range(self.max_retries + 1):
             try:
                 return await self._score_once(body)
             except ServiceError as error:
                 if not error.retryable or attempt == self.max_retries:
                     raise
-                logger.warning("retrying after: %s", error.message)
-            await asyncio.sleep(delay_s)
-            delay_s *= 2
+                self.retries += 1
+                logger.warning("retrying (%d so far) after: %s", self.retries, error.message)
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**attempt)))
         raise AssertionError("unreachable")
+
+
+def error_from_response(status_code: int, text: str) -> ServiceError:
+    """The typed error of an HTTP error answer; gateway errors and a non-JSON 500 (Ray Serve's proxy while
+    the router replica is dead) are retryable, as is a 503."""
+    try:
+        payload: Any = json.loads(text)
+    except ValueError:
+        payload = None
+    error = service_error_from_body(status_code, payload if payload is not None else text)
+    is_ours = isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+    if status_code in RETRYABLE_STATUS or (status_code == 500 and not is_ours):
+        return ServiceUnavailableError(f"HTTP {status_code}: {text.strip()[:300]}")
+    return error
 
 
 class HttpScoringClient(_Retrying):
     def __init__(self, url: str, *, api_key: str | None = None, max_connections: int = 64,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 5):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout_s,
@@ -76,19 +102,18 @@ class HttpScoringClient(_Retrying):
         except httpx.TransportError as exc:  # connection refused or lost, timeouts: worth another try
             raise ServiceUnavailableError(f"{type(exc).__name__}: {exc}") from None
         if response.status_code == 200:
-            return response.json()
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = response.text
-        raise service_error_from_body(response.status_code, payload)
+            try:
+                return response.json()
+            except ValueError:  # cut short by a replica that died while answering
+                raise ServiceUnavailableError("HTTP 200 with a body that is not complete JSON") from None
+        raise error_from_response(response.status_code, response.text)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
 
 class HandleScoringClient(_Retrying):
-    def __init__(self, address: str, *, app_name: str = "reward", max_retries: int = 5):
+    def __init__(self, address: str, *, app_name: str = "reward", max_retries: int = DEFAULT_MAX_RETRIES):
         import ray
         from ray import serve
 

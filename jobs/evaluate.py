@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from deployments.errors import InvalidRequestError
 from jobs.client import ScoringClient
-from jobs.pipeline import ordered_map, read_lines
+from jobs.pipeline import check_sendable, ordered_map, read_lines
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
@@ -77,6 +77,7 @@ def parse_row(text: str, lineno: int) -> Row:
     for name in ROW_FIELDS:
         if not isinstance(obj.get(name), str) or not obj[name]:
             raise ValueError(f"`{name}` must be a non-empty string")
+        check_sendable(obj[name], f"`{name}`", ValueError)
     return Row(lineno, obj["prompt"], obj["chosen"], obj["rejected"], obj["subset"])
 
 

@@ -39,8 +39,18 @@ async def ordered_map(items: Iterable[T], fn: Callable[[T], Awaitable[R]], concu
             task.cancel()
 
 
+def check_sendable(text: str, where: str, error: type[ValueError]) -> None:
+    """Raises `error` when `text` cannot be sent as UTF-8 (JSON allows lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(f"{where} has text that cannot be sent as UTF-8 ({exc.reason} at character {exc.start}: "
+                    f"{text[exc.start:exc.end]!a})") from None
+
+
 def read_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file without their newlines, streamed."""
-    with path.open(encoding="utf-8") as f:
+    """The lines of a UTF-8 text file without their newlines, streamed. Bytes that are not UTF-8 come through
+    as lone surrogates, which `check_sendable` reports for their line instead of stopping the job."""
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for text in f:
             yield text.rstrip("\n")

@@ -212,3 +212,50 @@ def test_evaluate_reports_the_accuracies_of_v1_score(http, demo_app, tmp_path):
         assert report["subsets"][name]["correct"] == subset["correct"]
     assert report["overall"] == pytest.approx(expected["overall"])
     assert "overall" in done.stdout and "section Reasoning" in done.stdout
+
+
+def kill_router_replica() -> None:
+    import ray
+
+    from bench.abuse import router_actor
+
+    ray.kill(router_actor(), no_restart=True)
+
+
+def wait_until_running(app_name: str = "reward", timeout_s: float = 180) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"app {app_name} not RUNNING again after {timeout_s} s")
+
+
+def test_annotate_survives_the_router_replica_killed_midway(demo_app, steerlm_file, raw_run):
+    """The router replica dies under an annotate run: clients see Ray's plain-text 500s and refused
+    connections until Serve replaces it; the job retries them and writes the uninterrupted run's bytes."""
+    out = steerlm_file.with_name("router_killed.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "annotate", "--input", str(steerlm_file), "--output",
+                             str(out), "--url", demo_app, "--concurrency", "4", "--no-progress"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= KILL_AFTER_LINES:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before the router could be killed"
+        kill_router_replica()
+        _, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        wait_until_running()
+    assert proc.returncode == 0, stderr[-3000:]
+    retried = int(stderr.rsplit("; ", 1)[1].split(" requests retried")[0])
+    assert retried > 0, stderr[-3000:]
+    assert out.read_bytes() == raw_run[0].read_bytes()

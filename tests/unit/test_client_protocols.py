@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from pytriton.model_config.parser import ModelConfigParser
 
 from configs.service import ATTRIBUTE_NAMES
-from deployments.errors import InputTooLongError, InvalidRequestError, NotFoundError
-from deployments.kserve_api import check_model_version, kserve_error_body, model_config
+from deployments.errors import InputTooLongError, InvalidRequestError, NotFoundError, error_body
+from deployments.kserve_api import check_model_version, model_config
 from deployments.openai_api import ChatCompletionRequest
 from deployments.openrlhf_api import GetRewardRequest, get_reward_body
 from deployments.prompt import END_MARKER, SteerLMPrompt, render_prompt
@@ -51,7 +51,9 @@ def test_versioned_routes_serve_version_1_only():
     check_model_version("1")
     with pytest.raises(NotFoundError, match="model version '2' is not served here; the only version is '1'"):
         check_model_version("2")
-    assert kserve_error_body("inputs[0].name: unknown input") == {"error": "inputs[0].name: unknown input"}
+    error = InvalidRequestError("inputs[0].name: unknown input", param="inputs[0].name")
+    assert error_body(error, "/v2/models/reward_model/infer") == {"error": "inputs[0].name: unknown input"}
+    assert error_body(error, "/v1/score") == error.to_body()
 
 
 # --- OpenAI content parts ---------------------------------------------------------------------------------

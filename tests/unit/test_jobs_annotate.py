@@ -6,10 +6,11 @@ import asyncio
 import io
 import json
 
+import httpx
 import pytest
 
 from configs.service import ATTRIBUTE_NAMES
-from deployments.errors import InputTooLongError
+from deployments.errors import InputTooLongError, ServiceError, ServiceUnavailableError
 from jobs.annotate import MalformedLine, annotate, label_string, parse_line
 
 
@@ -123,3 +124,69 @@ def test_lines_share_requests_up_to_the_prompt_limit(tmp_path):
     client = FakeClient()
     run(tmp_path, [line(1, labels=("x",) * 5), line(2), line(3), line(4)], client, max_prompts_per_request=2)
     assert [len(b["conversations"]) for b in client.bodies] == [2, 2, 1, 2, 1]  # line 1 alone, then 2+3, then 4
+
+
+def test_unsendable_text_is_reported_with_its_line_and_skipped(tmp_path):
+    """A lone surrogate is valid JSON but not UTF-8: the line is skipped (it stopped the job before)."""
+    bad = line(2).replace("a2.1", "a2\\ud800")
+    out, summary, log = run(tmp_path, [line(1), bad, line(3)])
+    assert [json.loads(t)["id"] for t in out.read_text().splitlines()] == [1, 3]
+    assert "in.jsonl:2: malformed: conversations[3].value has text that cannot be sent as UTF-8" in log
+    assert "'\\ud800'" in log and summary.malformed == 1
+
+
+def test_invalid_utf8_bytes_are_reported_not_fatal(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(line(1).encode() + b"\n" + line(2).replace("a2.1", "a2\xff").encode("latin-1") + b"\n"
+                       + line(3).encode() + b"\n")
+    out, summary, log = run(tmp_path, [])
+    assert [json.loads(t)["id"] for t in out.read_text().splitlines()] == [1, 3]
+    assert "in.jsonl:2: malformed" in log and summary.malformed == 1
+
+
+class FlakyTransport(httpx.AsyncBaseTransport):
+    """Answers like a service whose router replica dies and comes back: transport error, Ray's plain-text 500,
+    502, 503 and 504, then the real answer; our own JSON 500 is not retried."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.calls = 0
+
+    async def handle_async_request(self, request):
+        self.calls += 1
+        step = self.script.pop(0)
+        if step == "drop":
+            raise httpx.ConnectError("connection refused")
+        if isinstance(step, tuple):
+            return httpx.Response(step[0], text=step[1])
+        return httpx.Response(200, json={"results": []})
+
+
+def test_http_client_retries_gateway_and_proxy_errors_with_jitter(monkeypatch):
+    from jobs import client as client_module
+
+    sleeps = []
+
+    async def fake_sleep(seconds):
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
+    client = client_module.HttpScoringClient("http://service", max_retries=6)
+    transport = FlakyTransport(["drop", (500, "Internal Server Error"), (502, "bad gateway"),
+                                (503, '{"error": {"message": "busy", "type": "service_unavailable", "param": null, '
+                                      '"code": 503}}'), (504, "gateway timeout"), "ok"])
+    client._http = httpx.AsyncClient(base_url="http://service", transport=transport)
+    assert asyncio.run(client.score({"conversations": []})) == {"results": []}
+    assert transport.calls == 6 and client.retries == 5
+    assert all(0 <= s <= min(10.0, 0.5 * 2**i) for i, s in enumerate(sleeps)) and len(set(sleeps)) == 5
+
+    ours = '{"error": {"message": "internal error", "type": "internal_error", "param": null, "code": 500}}'
+    client._http = httpx.AsyncClient(base_url="http://service", transport=FlakyTransport([(500, ours)]))
+    with pytest.raises(ServiceError, match="internal error") as info:
+        asyncio.run(client.score({"conversations": []}))
+    assert not info.value.retryable
+
+    client._http = httpx.AsyncClient(base_url="http://service", transport=FlakyTransport(["drop"] * 3))
+    client.max_retries = 2
+    with pytest.raises(ServiceUnavailableError, match="connection refused"):  # the retry budget is spent
+        asyncio.run(client.score({"conversations": []}))

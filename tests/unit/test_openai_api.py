@@ -34,10 +34,29 @@ def test_models_body():
 
 @pytest.mark.parametrize("payload, param", [
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "messages[0].role"),
-    ({"model": "m", "messages": [{"role": "assistant", "content": "x"}], "temperature": 0}, "temperature"),
+    ({"model": "m", "messages": [{"role": "assistant", "content": "x"}], "temprature": 0}, "temprature"),
+    ({"model": "m", "messages": [{"role": "assistant", "content": "x"}], "stream": True}, "stream"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "model"),
 ])
 def test_request_validation_names_the_field(payload, param):
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate(payload)
     assert invalid_request_from_errors(info.value.errors()).param == param
+
+
+def test_generation_parameters_are_accepted_and_ignored():
+    """SDKs send these by default; the hosted API ignores them, and so does the service (issue: a 400 before)."""
+    params = {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 16, "max_completion_tokens": 16,
+              "stop": ["\n"], "seed": 3, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": True,
+              "top_logprobs": 0, "user": "u", "stream": False, "logit_bias": {}, "stream_options": None}
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "assistant", "content": "x"}], **params})
+    assert [m.content for m in request.messages] == ["x"]
+
+
+def test_stream_true_is_a_clear_error():
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "assistant", "content": "x"}], "stream": True})
+    error = invalid_request_from_errors(info.value.errors())
+    assert error.param == "stream" and "streaming is not supported" in error.message

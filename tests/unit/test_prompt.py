@@ -101,52 +101,6 @@ def test_over_limit_without_truncation_raises(demo_tokenizer):
     assert tokenize_conversation(messages, demo_tokenizer, max_tokens=total).truncated is False
 
 
-def test_left_truncation_drops_whole_oldest_turns_first(demo_tokenizer):
-    messages = _long_conversation()
-    segments = render_segments(messages)
-    system_ids = demo_tokenizer.encode(segments.system)
-    turn_ids = [demo_tokenizer.encode(t) for t in segments.turns]
-    end_ids = demo_tokenizer.encode(segments.end)
-    # Room for exactly the last two turns: the first two must go, whole.
-    limit = len(system_ids) + len(turn_ids[2]) + len(turn_ids[3]) + len(end_ids)
-    result = tokenize_conversation(messages, demo_tokenizer, max_tokens=limit, truncate="left")
-    assert result.truncated is True
-    assert result.token_ids == system_ids + turn_ids[2] + turn_ids[3] + end_ids
-    # One token less: the second user turn goes too, whole (the room it leaves stays unused).
-    result = tokenize_conversation(messages, demo_tokenizer, max_tokens=limit - 1, truncate="left")
-    assert result.truncated is True
-    assert result.token_ids == system_ids + turn_ids[3] + end_ids
-
-
-def test_left_truncation_cuts_oldest_tokens_of_last_turn(demo_tokenizer):
-    messages = _long_conversation()
-    segments = render_segments(messages)
-    system_ids = demo_tokenizer.encode(segments.system)
-    last_ids = demo_tokenizer.encode(segments.turns[-1])
-    end_ids = demo_tokenizer.encode(segments.end)
-    limit = len(system_ids) + len(end_ids) + 3
-    result = tokenize_conversation(messages, demo_tokenizer, max_tokens=limit, truncate="left")
-    assert result.truncated and result.num_tokens == limit
-    assert result.token_ids[: len(system_ids)] == system_ids  # system segment kept
-    assert result.token_ids[-len(end_ids) - 3:] == last_ids[-3:] + end_ids  # scored end kept
-    assert demo_tokenizer.decode(result.token_ids).endswith("here\n<extra_id_2>")
-
-
-def test_left_truncation_impossible_raises(demo_tokenizer):
-    messages = _long_conversation()
-    segments = render_segments(messages)
-    fixed = len(demo_tokenizer.encode(segments.system)) + len(demo_tokenizer.encode(segments.end))
-    total = len(demo_tokenizer.encode(segments.text))
-    for limit in (fixed, fixed - 1, 1):
-        with pytest.raises(InputTooLongError) as info:
-            tokenize_conversation(messages, demo_tokenizer, max_tokens=limit, truncate="left", conversation_index=1)
-        assert info.value.num_tokens == total and info.value.limit_tokens == limit
-        assert info.value.message.startswith(f"conversations[1] has {total} tokens; the limit is {limit}")
-        assert "truncate=left" in info.value.message
-    result = tokenize_conversation(messages, demo_tokenizer, max_tokens=fixed + 1, truncate="left")
-    assert result.num_tokens == fixed + 1
-
-
 def test_left_mode_leaves_short_conversations_alone(demo_tokenizer):
     result = tokenize_conversation(CONVERSATIONS[1], demo_tokenizer, max_tokens=4096, truncate="left")
     assert result.truncated is False

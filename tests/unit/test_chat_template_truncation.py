@@ -1,0 +1,48 @@
+"""HF chat-template prompts: `truncate: left` finds the fewest dropped messages by binary search, which
+equals dropping them one step at a time (the rule before), and refuses impossible fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.chat_template import ChatTemplatePrompt
+from deployments.errors import InputTooLongError
+from deployments.schemas import Message
+
+
+@pytest.fixture(scope="module")
+def prompt(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.hf_models import CHAT_TEMPLATE, _tokenizer
+
+    out = tmp_path_factory.mktemp("hf_tok")
+    _tokenizer(out)
+    return ChatTemplatePrompt(str(out / "tokenizer.json"), CHAT_TEMPLATE,
+                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+
+
+def linear_rule(prompt, messages, limit):
+    system = [m for m in messages[:1] if m.role == "system"]
+    rest = list(messages[len(system):])
+    while len(rest) > 1:
+        rest = rest[2:] if len(rest) > 2 and rest[0].role == "user" else rest[1:]
+        kept = prompt.encode(prompt.render(system + rest))
+        if len(kept) <= limit:
+            return kept
+    return None
+
+
+def test_binary_search_equals_the_step_by_step_rule(prompt):
+    messages = [Message(role="system", content="Be brief.")]
+    for t in range(9):
+        messages += [Message(role="user", content=f"question {t} " * (1 + t % 4)),
+                     Message(role="assistant", content=f"answer {t} " * (2 + t % 3))]
+    total = prompt.tokenize_conversation(messages, max_tokens=10**6).num_tokens
+    for limit in range(total - 1, 5, -7):
+        want = linear_rule(prompt, messages, limit)
+        if want is None:
+            with pytest.raises(InputTooLongError):
+                prompt.tokenize_conversation(messages, max_tokens=limit, truncate="left")
+        else:
+            got = prompt.tokenize_conversation(messages, max_tokens=limit, truncate="left")
+            assert got.truncated and got.token_ids == want
