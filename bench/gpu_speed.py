@@ -62,6 +62,10 @@ TIMED_PASSES = 3
 FLOP_FORMULA = "sum over sequences of 2L(2h^2 + 2h*kv_dim + 2h*ffn)*n + 2L*h*n^2 (real tokens only)"
 
 
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def model_flops(shape: dict[str, int], lengths: Sequence[int]) -> float:
     """2 FLOPs per multiply-add over the Q and output projections (h x h each), K and V (h x kv_dim each)
     and the 2-matrix squared-ReLU MLP per token, plus causal attention (QK^T and AV at half the square,
@@ -172,7 +176,7 @@ class Bench:
         self.rewards[name] = outputs[-1]
         tflops = self.flops / seconds / 1e12
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
-        entry = {"tok_s": round(sum(self.lengths) / seconds, 1), "tflops": round(tflops, 3),
+        entry = {"tok_s": round(sum(self.lengths) / seconds, 1), "tflops": significant(tflops),
                  "mfu": round(tflops / self.matmul_tflops, 4), "s": round(seconds, 4),
                  "pass_s": [round(x, 4) for x in pass_s], "computed_tokens": computed_tokens,
                  "peak_memory_gib": None if peak is None else round(peak, 2),
@@ -309,7 +313,7 @@ def run_benchmark(dry_run: bool, write: Callable[[dict], None]) -> bool:
                                  else None,
                                  "engine_sequences_per_micro_batch": None if FOREST_AVAILABLE else MICRO_BATCH_SIZE},
               "matmul_n": settings["matmul_n"],
-              "matmul_tflops": round(ceiling, 2), "flop_formula": FLOP_FORMULA, "systems": {},
+              "matmul_tflops": significant(ceiling), "flop_formula": FLOP_FORMULA, "systems": {},
               "forest_vs_padded_max_abs_diff": None, "engine_padded_over_transformers_sorted": None,
               "engine_forest_over_transformers_sorted": None}
     write(result)

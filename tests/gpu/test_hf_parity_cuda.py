@@ -13,9 +13,10 @@ import torch
 KINDS = ["llama-seqcls", "nemotron-seqcls"]
 TOKEN_LENGTHS = (5, 77, 300, 1, 640)
 # Our bf16 error against transformers' float32 forward may exceed transformers' own bf16 error by this factor
-# plus a floor (bf16: one unit in the last place at the rewards' magnitude; float32: the integration tier's 1e-4).
+# plus a floor (float32: the integration tier's 1e-4). Seen in bf16 on a CPU: ours 1.1e-3 / 6.4e-3, transformers'
+# 1.6e-3 / 6.0e-3 (Llama / Nemotron, rewards up to 0.11 / 0.63).
 ERROR_FACTOR = 3.0
-ERROR_FLOOR = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4}
+ERROR_FLOOR = {"bfloat16": 5e-3, "float16": 1e-3, "float32": 1e-4}
 
 
 @pytest.fixture(scope="module")
