@@ -29,9 +29,11 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -40,9 +42,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("environment", "gpu_tests", "benchmark")
-# Seconds per phase. GPU: 30 + 160 + 270 = 460 s, inside the 8-minute budget with the wheel install.
+# Seconds per phase. GPU: 45 + 155 + 260 = 460 s, inside the 8-minute budget with the wheel install.
 PHASE_TIMEOUT_S = {
-    "gpu": {"environment": 30, "gpu_tests": 160, "benchmark": 270},
+    "gpu": {"environment": 45, "gpu_tests": 155, "benchmark": 260},
     # A dry run took 93 s on a shared 2-core machine (load average 10-25) and over 200 s at load 50+:
     # these limits only catch hangs.
     "dry-run": {"environment": 90, "gpu_tests": 300, "benchmark": 150},
@@ -126,9 +128,8 @@ def phase_environment(dry_run: bool, result_path: Path) -> bool:
             imported.append(name)
         except Exception as exc:  # noqa: BLE001 - recorded, and fails the phase
             missing[name] = f"{type(exc).__name__}: {exc}"
-    import torch
-
-    cuda = torch.cuda.is_available()
+    torch = sys.modules.get("torch")  # None when it could not be imported (listed in missing_modules)
+    cuda = bool(torch and torch.cuda.is_available())
     transformers_version = megatron_version = None
     if importlib.util.find_spec("transformers") is not None:
         transformers_version = importlib.metadata.version("transformers")
@@ -137,8 +138,8 @@ def phase_environment(dry_run: bool, result_path: Path) -> bool:
     result = {
         "device": "cpu" if dry_run else "cuda",
         "gpu_name": torch.cuda.get_device_name() if cuda else None,
-        "cuda_version": torch.version.cuda,
-        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda if torch else None,
+        "torch_version": torch.__version__ if torch else None,
         "megatron_core_version": megatron_version,
         "transformers_version": transformers_version,
         "python_version": platform.python_version(),
@@ -154,7 +155,7 @@ def phase_environment(dry_run: bool, result_path: Path) -> bool:
     if result["ray_imported"]:
         print("environment: importing the project's modules imported ray", flush=True)
     if not dry_run and not cuda:
-        print(f"environment: CUDA is not available to torch {torch.__version__}", flush=True)
+        print(f"environment: CUDA is not available to torch {result['torch_version']}", flush=True)
     return not missing and not result["ray_imported"] and (dry_run or cuda)
 
 
@@ -177,12 +178,15 @@ def phase_gpu_tests(dry_run: bool, result_path: Path) -> bool:
     import pytest
 
     xml_path = result_path.with_suffix(".junit.xml")
+    # Own --basetemp: pytest's default folder is shared by every pytest run of the user, whose clean-up can
+    # remove a concurrent run's files.
     args = ["tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml_path}",
-            "--tier-device", "cpu" if dry_run else "cuda"]
+            f"--basetemp={result_path.parent / 'pytest'}", "--tier-device", "cpu" if dry_run else "cuda"]
     rc = int(pytest.main(args))
     tests = _junit_tests(xml_path) if xml_path.is_file() else []
     counts = collections.Counter(t["outcome"] for t in tests)
-    write_json(result_path, {"command": "pytest " + " ".join(a for a in args if not a.startswith("--junitxml")),
+    command = "pytest " + " ".join(a for a in args if not a.startswith(("--junitxml", "--basetemp")))
+    write_json(result_path, {"command": command,
                              "passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
                              "skipped": counts["skipped"], "tests": tests})
     return rc == 0 and counts["passed"] > 0
@@ -265,8 +269,7 @@ def main() -> None:
     out_dir = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
-    work = out_dir / f".gpu_check_{os.getpid()}"
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # phases' result files and pytest's tmp_path
     start = time.monotonic()
     report: dict[str, Any] = {"mode": mode, "ok": False, "failures": [],
                               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -284,9 +287,7 @@ def main() -> None:
             report["wall_s"] = round(time.monotonic() - start, 1)
             write_json(out_path, report)  # after every phase: what finished is kept
     finally:
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
+        shutil.rmtree(work, ignore_errors=True)
     failures = [f"{p}: {m['error']}" for p, m in report["phases"].items() if not m["ok"]]
     failures += [f"key: {k}" for k in key_problems(report, failed_phases_too=False)]
     report.update(ok=not failures, failures=failures, wall_s=round(time.monotonic() - start, 1))
