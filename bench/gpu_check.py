@@ -147,7 +147,8 @@ def phase_environment(dry_run: bool, result_path: Path) -> bool:
         "modules_imported": imported,
         "missing_modules": missing,
         "ray_imported": "ray" in sys.modules,
-        "forest_available": importlib.util.find_spec("sharding.forest") is not None,
+        "forest_available": bool(sys.modules.get("bench.gpu_speed")
+                                 and sys.modules["bench.gpu_speed"].forest_layout_available()),
     }
     write_json(result_path, result)
     for name, why in missing.items():

@@ -16,8 +16,8 @@ peak-memory count:
                         ModelWorker's forward loop (under no_grad, rewards concatenated on the device, one
                         copy to the host per pass) on `sharding.model.build_stage_model` at TP1 PP1;
   engine_forest         the same model at the forest layout (`sharding.forest`: prefix tries packed into
-                        rows, no padding), when the tree has that module.
-                        With `sharding.forest`, both layouts come from the engine's own planning
+                        rows, no padding), when the tree has it (`parallel.batch_layout`).
+                        With `parallel.batch_layout`, both layouts come from the engine's own planning
                         (`sharding.micro_batches.plan_micro_batches` with `parallel.batch_layout` and
                         `parallel.max_tokens_per_micro_batch` 16384) and inputs (`sharding.model.
                         micro_batch_inputs`; the forest kernel is `runtime.forest_attention` "auto": flex
@@ -55,9 +55,19 @@ SETTINGS = {
                matmul_n=512),
 }
 NSEQ = 48
-MICRO_BATCH_SIZE = 16  # transformers' batches (and the engine's padded ones in trees without sharding.forest)
+MICRO_BATCH_SIZE = 16  # transformers' batches (and the engine's padded ones in trees without the forest layout)
 MAX_TOKENS_PER_MICRO_BATCH = 16384  # parallel.max_tokens_per_micro_batch of both engine layouts
-FOREST_AVAILABLE = importlib.util.find_spec("sharding.forest") is not None
+
+
+def forest_layout_available() -> bool:
+    """Whether this tree's engine has the forest layout (the config field `parallel.batch_layout`). Asked of
+    the config, not by looking `sharding.forest` up: an editable install of another checkout can answer that."""
+    from configs.service import ParallelConfig
+
+    return "batch_layout" in ParallelConfig.model_fields
+
+
+FOREST_AVAILABLE = forest_layout_available()
 SEED = 0
 WARMUP_PASSES = 1
 TIMED_PASSES = 3
@@ -211,7 +221,7 @@ def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], N
         for layout in ("padded", "forest"):
             name = f"engine_{layout}"
             if layout == "forest" and not FOREST_AVAILABLE:
-                record(name, {"skipped": "sharding.forest (the forest batch layout) is not in this tree"})
+                record(name, {"skipped": "this tree has no forest batch layout (parallel.batch_layout)"})
                 continue
             micro_batches, order = engine_plan(bench.token_lists, layout)
 

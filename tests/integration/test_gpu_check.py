@@ -3,7 +3,6 @@ key the GPU run writes (one key list, bench.gpu_check.RESULT_KEYS, for both). No
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 from bench import gpu_check
+from configs.service import ParallelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DRY_RUN_LIMIT_S = sum(gpu_check.PHASE_TIMEOUT_S["dry-run"].values()) + 60
@@ -41,7 +41,7 @@ def test_dry_run_writes_every_key_of_the_gpu_run(tmp_path):
             "test_hf_seqcls_matches_transformers[nemotron-seqcls]"} <= ran
 
     bench = phases["benchmark"]["result"]
-    forest = importlib.util.find_spec("sharding.forest") is not None
+    forest = "batch_layout" in ParallelConfig.model_fields  # this tree's engine has the forest layout
     assert env_result["forest_available"] is forest
     if forest:
         assert "test_local_forward_bf16_cuda[forest]" in ran
@@ -50,7 +50,9 @@ def test_dry_run_writes_every_key_of_the_gpu_run(tmp_path):
     for name in measured:
         system = bench["systems"][name]
         assert system["rewards_finite"] is True and system["tok_s"] > 0 and len(system["pass_s"]) == 3
-        assert system["computed_tokens"] >= bench["real_tokens"] == sum(bench["lengths"])
+        assert bench["real_tokens"] == sum(bench["lengths"])
+        if name != "engine_forest":  # the forest computes a prefix shared by sequences once
+            assert system["computed_tokens"] >= bench["real_tokens"]
         assert math.isclose(system["mfu"], system["tflops"] / bench["matmul_tflops"], rel_tol=0.01)
         assert report[f"{name}_mfu"] == system["mfu"]
     for layout in ("padded", "forest"):
