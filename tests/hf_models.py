@@ -66,7 +66,8 @@ def write_hf_model(kind: str, out: Path, seed: int = 0):
 
 
 def transformers_rewards(model, kind: str, token_batch: list[list[int]]) -> torch.Tensor:
-    """transformers' own forward on a right-padded batch; causal-LM reward = logit of token 0 at the end."""
+    """transformers' own forward on a right-padded batch, on the model's device and in its dtype; float32 on
+    the CPU back. Causal-LM reward = logit of token 0 at the end."""
     width = max(len(t) for t in token_batch)
     ids = torch.zeros((len(token_batch), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -74,7 +75,7 @@ def transformers_rewards(model, kind: str, token_batch: list[list[int]]) -> torc
         ids[i, : len(t)] = torch.tensor(t)
         mask[i, : len(t)] = 1
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
     if kind == "llama-causal":
         return torch.stack([logits[i, len(t) - 1, 0:1] for i, t in enumerate(token_batch)])
     return logits

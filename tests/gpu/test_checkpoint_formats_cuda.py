@@ -1,5 +1,5 @@
 """GPU tier: the zarr reader fills CUDA bfloat16 parameters (chunks copied host -> device), packed or not,
-to exactly the values torch_dist loads. Skipped without CUDA."""
+to exactly the values torch_dist loads. Skipped without CUDA (see conftest for --tier-device cpu)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.gpu import cpu_side
 
 BATCH = [[5, 6, 7, 8, 9], list(range(20, 300)), [42]]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    import sentencepiece as spm
-
-    from tests.checkpoint_writers import TINY_SHAPE, padded_vocab, reference_weights, write_checkpoint, write_tokenizer
-
-    root = tmp_path_factory.mktemp("gpu-formats")
-    tok = root / "tok"
-    tok.mkdir()
-    size = spm.SentencePieceProcessor(model_file=str(tok / write_tokenizer(tok))).get_piece_size()
-    weights = reference_weights(TINY_SHAPE, padded_vocab(size), seed=5)
-    return {
-        "torch_dist": write_checkpoint(root / "td", weights, TINY_SHAPE, backend="torch_dist", tokenizer_from=tok),
-        "zarr": write_checkpoint(root / "zarr", weights, TINY_SHAPE, backend="zarr", tokenizer_from=tok),
-        "zarr-tar": write_checkpoint(root / "zarr.nemo", weights, TINY_SHAPE, backend="zarr", packed=True,
-                                     tokenizer_from=tok),
-    }
+    return cpu_side.run("format_checkpoints", root=str(tmp_path_factory.mktemp("gpu-formats") / "ckpts"))
 
 
-def _load(path):
-    from configs.service import RuntimeConfig
+def _load(path, runtime):
     from sharding.local import LocalScorer
 
-    scorer = LocalScorer(str(path), RuntimeConfig(device="cuda", dtype="bfloat16", backend="nccl", gpus_per_node=1))
+    scorer = LocalScorer(str(path), runtime)
     try:
         params = {k: v.detach().cpu() for k, v in scorer.model.state_dict().items() if isinstance(v, torch.Tensor)}
         return params, scorer.score(BATCH)
@@ -43,11 +28,13 @@ def _load(path):
         scorer.close()
 
 
-def test_zarr_to_cuda_bf16_equals_torch_dist(checkpoints):
-    ref_params, ref_scores = _load(checkpoints["torch_dist"])
-    assert ref_params["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+def test_zarr_to_cuda_bf16_equals_torch_dist(checkpoints, runtime):
+    from sharding.model import DTYPES
+
+    ref_params, ref_scores = _load(checkpoints["torch_dist"], runtime)
+    assert ref_params["embedding.word_embeddings.weight"].dtype == DTYPES[runtime.dtype]
     for name in ("zarr", "zarr-tar"):
-        params, scores = _load(checkpoints[name])
+        params, scores = _load(checkpoints[name], runtime)
         assert params.keys() == ref_params.keys()
         for key, value in params.items():
             assert torch.equal(value, ref_params[key]), (name, key)

@@ -1,4 +1,5 @@
-"""GPU tier: the same code on CUDA + bf16 + NCCL, selected by config alone. Skipped without CUDA."""
+"""GPU tier: the same code on CUDA + bf16 + NCCL, selected by config alone, at every batch layout of the
+engine. Skipped without CUDA (see conftest for --tier-device cpu)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from configs.service import ParallelConfig
+from tests.gpu import cpu_side
 
 BF16_TOL = 0.1  # bf16 weights and activations vs the float32 CPU forward of the same checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from demo import write_demo_model
-
-    return write_demo_model(tmp_path_factory.mktemp("gpu") / "demo", seed=0)
+FOREST_AVAILABLE = "batch_layout" in ParallelConfig.model_fields  # the engine has the forest layout
+# parallel.max_tokens_per_micro_batch: two padded micro-batches ([1024], [300, 41, 7, 2]), one forest row
+MAX_TOKENS_PER_MICRO_BATCH = 1536
+MICRO_BATCH_SIZE = 2  # the padded layout in trees without the forest layout: micro-batches of 2 sequences
+LAYOUTS = ["padded", pytest.param("forest", marks=pytest.mark.skipif(
+    not FOREST_AVAILABLE, reason="this tree has no forest batch layout (parallel.batch_layout)"))]
 
 
 @pytest.fixture(scope="module")
@@ -25,42 +26,57 @@ def token_batch():
 
 
 @pytest.fixture(scope="module")
-def cpu_reference(checkpoint, token_batch):
+def demo(tmp_path_factory, token_batch):
+    """(checkpoint path, float32 CPU rewards): written and scored with CUDA hidden."""
+    out = tmp_path_factory.mktemp("gpu") / "demo"
+    reference = cpu_side.run("demo_reference", out=str(out), seed=0, token_batch=token_batch)
+    return out, np.asarray(reference["rewards"], dtype=np.float32)
+
+
+def forward_at_layout(scorer, token_batch, layout: str) -> np.ndarray:
+    """The engine's micro-batches of one batch at `layout`, forwarded in this process; rewards in batch order."""
+    if FOREST_AVAILABLE:
+        parallel = ParallelConfig(batch_layout=layout, max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH)
+        return scorer.score_micro_batches(token_batch, parallel)
+    from sharding.micro_batches import make_micro_batches  # the engine before layouts were configurable
+
+    micro_batches, order = make_micro_batches(token_batch, MICRO_BATCH_SIZE)
+    outs = []
+    with torch.no_grad():
+        for tokens, lengths in micro_batches:
+            ids, lens = torch.from_numpy(tokens).to(scorer.device), torch.from_numpy(lengths).to(scorer.device)
+            outs.append(scorer.model(ids, lens).float().cpu().numpy())
+    rewards = np.empty((len(token_batch), outs[0].shape[1]), dtype=np.float32)
+    rewards[order] = np.concatenate(outs)
+    return rewards
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_local_forward_bf16_cuda(demo, token_batch, runtime, layout):
     from sharding.local import LocalScorer
+    from sharding.model import DTYPES
 
-    scorer = LocalScorer(str(checkpoint))
-    try:
-        return scorer.score(token_batch)
-    finally:
-        scorer.close()
-
-
-def test_local_forward_bf16_cuda(checkpoint, token_batch, cpu_reference):
-    from configs.service import RuntimeConfig
-    from sharding.local import LocalScorer
-
-    runtime = RuntimeConfig(device="cuda", dtype="bfloat16", backend="nccl", gpus_per_node=1)
+    checkpoint, cpu_reference = demo
     scorer = LocalScorer(str(checkpoint), runtime)
     try:
-        assert next(scorer.model.parameters()).dtype == torch.bfloat16
+        assert next(scorer.model.parameters()).dtype == DTYPES[runtime.dtype]
         assert scorer.model.rm_head.weight.dtype == torch.float32
-        rewards = scorer.score(token_batch)
+        rewards = forward_at_layout(scorer, token_batch, layout)
     finally:
         scorer.close()
     assert rewards.dtype == np.float32
     np.testing.assert_allclose(rewards, cpu_reference, atol=BF16_TOL, rtol=0)
 
 
-def test_engine_in_ray_with_nccl(checkpoint, token_batch, cpu_reference):
-    import ray
-
+def test_engine_in_ray_with_nccl(demo, token_batch, runtime):
+    if runtime.device != "cuda":
+        pytest.skip("Ray on CPU is the integration tier's")
+    ray = pytest.importorskip("ray", reason="Ray is not installed (bench.gpu_check runs this tier without it)")
     from configs.service import ServiceConfig
     from tests.engine_runner import score_with_engine
 
-    config = ServiceConfig.model_validate({
-        "checkpoint_path": str(checkpoint),
-        "runtime": {"device": "cuda", "dtype": "bfloat16", "backend": "nccl", "gpus_per_node": 1},
-    })
+    checkpoint, cpu_reference = demo
+    config = ServiceConfig.model_validate({"checkpoint_path": str(checkpoint), "runtime": runtime.model_dump()})
     ray.init(num_gpus=1, num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         rewards = score_with_engine(config, token_batch)
