@@ -2,10 +2,10 @@
 weigh the attributes -> respond.
 
 Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
-and `GET /v1/models` (`deployments.openai_api`), KServe v2 / Triton `/v2/...` with versioned routes and the
-model config (`deployments.kserve_api`; its errors in KServe's shape), OpenRLHF's `POST /get_reward`
-(`deployments.openrlhf_api`), vLLM's `POST /classify` and `POST /pooling` (`deployments.vllm_api`), and
-`/health`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
+and `GET /v1/models` (`deployments.openai_api`), and `/health` here; KServe v2 / Triton `/v2/...` in the
+`deployments.kserve_routes` mixin; OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
+`POST /pooling` in the `deployments.rlhf_routes` mixin. The app, its middleware and the error mapping are
+`deployments.http_app`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
 concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
 `__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
 than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
@@ -25,158 +25,41 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from configs.service import ServiceConfig
 from deployments.auth import ApiKeyCheck, load_api_key
 from deployments.batcher import TokenBatcher
+from deployments.chat_template import prompt_format_for
 from deployments.errors import (
     InputTooLongError,
     InvalidRequestError,
     NotFoundError,
     ServiceError,
     ServiceUnavailableError,
-    unavailable_error_from,
-    unwrap_service_error,
 )
-from deployments.kserve_api import (
-    HEADER_LENGTH,
-    MODEL_VERSION,
-    SERVED_MODEL_NAME,
-    InferRequest,
-    check_model_version,
-    encode_infer_response,
-    model_config,
-    model_metadata,
-    parse_infer_request,
-    server_metadata,
-    token_lists,
-)
-from deployments.http_body import (
-    REQUEST_ID_HEADER,
-    BodyLimitMiddleware,
-    error_response,
-    install_error_handlers,
-    route_path,
-)
+from deployments.http_app import app, as_service_error, error_response_for, route_name
 from deployments.http_body import request_id as _request_id
-from deployments.limits import (
-    check_messages,
-    check_prompts,
-    check_raw_score_request,
-    check_score_request,
-    check_tokens,
-    parse_json,
-)
+from deployments.kserve_routes import KServeRoutes
+from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
-from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, install_openapi, json_body_docs
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
-from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse, get_reward_body
-from deployments.rendered_prompts import tokenize_rendered
-from deployments.vllm_api import (
-    ClassifyRequest,
-    ClassifyResponse,
-    PoolingRequest,
-    PoolingResponse,
-    classify_body,
-    pooling_body,
-)
-from deployments.chat_template import prompt_format_for
+from deployments.openapi_docs import ERROR_RESPONSES, json_body_docs
 from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
-from deployments.schemas import (
-    ScoreRequest,
-    ScoreResponse,
-    ScoreResult,
-    TurnResult,
-    Usage,
-    invalid_request_from_errors,
-)
+from deployments.rlhf_routes import RLHFRoutes
+from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
 from sharding.checkpoints.formats import open_checkpoint
 from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
 
-SERVICE_VERSION = "0.1.0"
-SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling"})
-
-app = FastAPI(title="Reward scoring service")
-# Inside the request middleware below (added later = outer), so a keyless request gets 401 before its body is read.
-app.add_middleware(BodyLimitMiddleware, limit_bytes=lambda: getattr(app.state, "max_request_bytes", None))
-install_error_handlers(app)
-install_openapi(app)
-
-
-def as_service_error(exc: BaseException) -> ServiceError | None:
-    """Maps an error from our code or a downstream handle onto the typed error a client should see;
-    None when it is not the client's business (it then becomes a 500 / is re-raised)."""
-    service_error = unwrap_service_error(exc)
-    if service_error is not None:
-        return service_error
-    if isinstance(exc, ValidationError):
-        return invalid_request_from_errors(exc.errors())
-    return unavailable_error_from(exc)
-
-
-def _error_response(error: ServiceError, request: Request) -> JSONResponse:
-    return error_response(error, request.scope)
-
-
-def requires_api_key(path: str) -> bool:
-    """The scoring routes; health, metadata and model listing stay open."""
-    return path in SCORING_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
-
-
-@app.middleware("http")
-async def _request_middleware(request: Request, call_next):
-    """Request id, API key (before any body parsing, so a keyless request always gets 401), and the
-    per-route request counter."""
-    request_id = _request_id(request)
-    if requires_api_key(route_path(request.scope)):
-        try:
-            request.app.state.api_key_check.check(request.headers.get("authorization"))
-        except AttributeError:  # the router has not finished starting: never serve unchecked
-            response = _error_response(ServiceUnavailableError("the service is starting, retry later"), request)
-        except ServiceError as error:
-            logger.info("request %s rejected: %s", request_id, error.message)
-            response = _error_response(error, request)
-        else:
-            response = await call_next(request)
-    else:
-        response = await call_next(request)
-    # Serve's proxy already echoes X-Request-Id on every response; set it only when nobody else will.
-    if REQUEST_ID_HEADER not in request.headers and REQUEST_ID_HEADER not in response.headers:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.request(_route_name(request), response.status_code)
-    return response
-
-
-@app.middleware("http")
-async def _drain_middleware(request: Request, call_next):
-    """Counts the HTTP requests in flight; once `Router.drain` was called, new ones get a 503."""
-    state = request.app.state
-    if getattr(state, "draining", False):
-        return _error_response(ServiceUnavailableError("the service is shutting down"), request)
-    state.in_flight = getattr(state, "in_flight", 0) + 1
-    try:
-        return await call_next(request)
-    finally:
-        state.in_flight -= 1
-
-
-def _route_name(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
-
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
-class Router:
+class Router(KServeRoutes, RLHFRoutes):
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
@@ -335,137 +218,13 @@ class Router:
     async def list_models(self) -> dict[str, Any]:
         return models_body(self._cfg.model_name)
 
-    # --- KServe v2 / Triton -------------------------------------------------------------------------------
-
-    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=ERROR_RESPONSES,
-              openapi_extra=KSERVE_INFER_DOCS)
-    async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
-        try:
-            self._check_kserve_model(model_name, model_version)
-            request = await self._in_pool(
-                parse_infer_request,
-                await http_request.body(),
-                http_request.headers.get(HEADER_LENGTH),
-                http_request.headers.get("content-encoding"),
-                self._limits.max_request_bytes,
-            )
-            prompts = await self._in_pool(self._kserve_prompts, request)
-            self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
-            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts], "inputs")
-            exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
-            body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
-            return Response(content=body, headers=headers)
-        except Exception as exc:
-            return self._http_error(exc, http_request)
-
-    def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
-        """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""
-        check_prompts(next(iter(request.tensors.values())).shape[0], self._limits, "inputs")
-        sequences = token_lists(request, self._prompt.encode, self._prompt.vocab_size, self._prompt.eos_id)
-        self._check_count(len(sequences), "inputs")
-        return [self._prompt.fit_token_ids(ids, max_tokens=self._limit_tokens) for ids in sequences]
-
-    def _check_kserve_model(self, model_name: str, model_version: str | None) -> None:
-        self._check_model(model_name, accepted=(SERVED_MODEL_NAME, self._cfg.model_name), param="model_name")
-        check_model_version(model_version)
-
-    @app.get("/v2")
-    async def kserve_server_metadata(self) -> dict[str, Any]:
-        return server_metadata(SERVICE_VERSION)
-
-    @app.get("/v2/health/live")
-    async def kserve_live(self) -> dict[str, bool]:
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def kserve_ready(self) -> dict[str, bool]:
-        return await self._ready_or_503({"ready": True})
-
-    @app.get("/v2/models/{model_name}")
-    @app.get("/v2/models/{model_name}/versions/{model_version}")
-    async def kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-        self._check_kserve_model(model_name, model_version)  # errors: the ServiceError handler, KServe shape
-        return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
-
-    @app.get("/v2/models/{model_name}/ready")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
-    async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-        self._check_kserve_model(model_name, model_version)
-        return await self._ready_or_503({"name": model_name, "ready": True})
-
-    @app.get("/v2/models/{model_name}/config")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/config")
-    async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-        """Triton's JSON model configuration (what PyTriton's clients read before inferring)."""
-        self._check_kserve_model(model_name, model_version)
-        return model_config(model_name, len(self._cfg.scoring.attribute_names),
-                            self._cfg.router.max_conversations_per_request)
-
-    @app.post("/v2/repository/index")
-    async def kserve_repository_index(self) -> list[dict[str, str]]:
-        """Triton's model repository index (PyTriton's asyncio client polls it for the model's state)."""
-        return [{"name": name, "version": MODEL_VERSION, "state": "READY"}
-                for name in dict.fromkeys((SERVED_MODEL_NAME, self._cfg.model_name))]
-
-    # --- OpenRLHF remote reward model, vLLM /classify and /pooling -------------------------------------------
-
-    @app.post("/get_reward", response_model=GetRewardResponse)
-    async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
-        """OpenRLHF's `--remote_rm_url`: rendered queries -> weighted rewards and per-attribute logs."""
-        try:
-            prompts = await self._in_pool(self._rendered_prompts, body.query, "query", True)
-            scored = await self._score_prompts(prompts, "/get_reward")
-            return get_reward_body(scored, self._cfg.scoring.attribute_names)
-        except Exception as exc:
-            return self._http_error(exc, http_request)
-
-    @app.post("/classify", response_model=ClassifyResponse)
-    async def classify(self, body: ClassifyRequest, http_request: Request) -> Any:
-        """vLLM's `/classify` for reward models: `probs` = nine attributes, then the weighted reward."""
-        try:
-            prompts = await self._vllm_prompts(body)
-            scored = await self._score_prompts(prompts, "/classify")
-            return classify_body(_request_id(http_request), self._cfg.model_name, scored,
-                                 self._cfg.scoring.attribute_names, sum(p.num_tokens for p in prompts))
-        except Exception as exc:
-            return self._http_error(exc, http_request)
-
-    @app.post("/pooling", response_model=PoolingResponse)
-    async def pooling(self, body: PoolingRequest, http_request: Request) -> Any:
-        """vLLM's `/pooling` for reward models: `data` = nine attributes, then the weighted reward."""
-        try:
-            prompts = await self._vllm_prompts(body)
-            scored = await self._score_prompts(prompts, "/pooling")
-            return pooling_body(_request_id(http_request), self._cfg.model_name, scored,
-                                self._cfg.scoring.attribute_names, sum(p.num_tokens for p in prompts))
-        except Exception as exc:
-            return self._http_error(exc, http_request)
-
-    async def _vllm_prompts(self, body: ClassifyRequest) -> list[TokenizedPrompt]:
-        if body.model is not None:
-            self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
-        if body.messages is not None:
-            return [await self._in_pool(self._prompt.tokenize_conversation, body.messages,
-                                            max_tokens=self._limit_tokens, field="messages")]
-        return await self._in_pool(self._rendered_prompts, body.texts, "input", False)
-
-    def _rendered_prompts(self, texts: Sequence[str], field: str, truncate: bool) -> list[TokenizedPrompt]:
-        self._check_count(len(texts), field)
-        return tokenize_rendered(self._prompt, texts, max_tokens=self._limit_tokens, field=field, truncate=truncate)
-
-    async def _score_prompts(self, prompts: Sequence[TokenizedPrompt], route: str) -> list[dict[str, Any]]:
-        """Model attributes, then the scoring deployment's weights: `{"score", "attributes"}` per prompt."""
-        self._metrics.truncated(route, sum(prompt.truncated for prompt in prompts))
-        attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
-        return await self._scoring.score.remote(attributes, None)
+    # --- shared -------------------------------------------------------------------------------------------
 
     def _check_count(self, count: int, field: str) -> None:
+        """Items of one request (conversations, KServe rows, queries): at most `max_conversations_per_request`."""
         limit = self._cfg.router.max_conversations_per_request
         if count > limit:
             raise InvalidRequestError(f"{field} has {count} items; the limit is {limit}", param=field)
-
-    # --- shared -------------------------------------------------------------------------------------------
 
     @staticmethod
     def _check_model(name: str, accepted: Sequence[str], param: str) -> None:
@@ -482,8 +241,8 @@ class Router:
         else:
             logger.info("request %s failed: %s", request_id, error.message)
             if isinstance(error, InputTooLongError):
-                self._metrics.rejected_too_long(_route_name(http_request))
-        return _error_response(error, http_request)
+                self._metrics.rejected_too_long(route_name(http_request))
+        return error_response_for(error, http_request)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

@@ -14,9 +14,11 @@ BF16_TOL = 0.05  # bf16: a sequence in a forest row vs alone (different kernels 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from demo import write_demo_model
+    """Written in a child process with CUDA hidden: the CPU-side writer installs the CPU workarounds, which
+    refuse a process that has CUDA (`tests/gpu/cpu_side.py`)."""
+    from tests.gpu import cpu_side
 
-    return write_demo_model(tmp_path_factory.mktemp("gpu_forest") / "demo", seed=0)
+    return cpu_side.run("demo_model", out=str(tmp_path_factory.mktemp("gpu_forest") / "demo"), seed=0)["checkpoint"]
 
 
 @pytest.fixture(scope="module")
