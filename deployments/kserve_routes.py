@@ -4,8 +4,10 @@ the repository index, and `infer`, each also under `/versions/{version}`. Reques
 encoding live in `deployments.kserve_api`; errors under `/v2` come in KServe's `{"error": message}`
 (`deployments.errors.error_body`).
 
-A mixin of `deployments.router.Router` (Ray Serve registers the routes of every class in its MRO): it uses
-the router's config, prompt format, limits, tokenizer pool, scoring path and error handling.
+A mixin of `deployments.router.Router`, which declares the routes themselves (a route method must be the
+ingress class's own: Serve pickles the app with it, and an inherited method's patched signature does not
+survive that) and delegates to the `_kserve_*` methods here; they use the router's config, prompt format,
+limits, tokenizer pool, scoring path and error handling.
 """
 
 from typing import Any
@@ -14,7 +16,6 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 
-from deployments.http_app import app
 from deployments.kserve_api import (
     HEADER_LENGTH,
     MODEL_VERSION,
@@ -29,17 +30,13 @@ from deployments.kserve_api import (
     token_lists,
 )
 from deployments.limits import check_prompts
-from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS
 from deployments.prompt import TokenizedPrompt
 
 SERVICE_VERSION = "0.1.0"
 
 
 class KServeRoutes:
-    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=ERROR_RESPONSES,
-              openapi_extra=KSERVE_INFER_DOCS)
-    async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
+    async def _kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
         try:
             self._check_kserve_model(model_name, model_version)
             request = await self._in_pool(
@@ -69,40 +66,30 @@ class KServeRoutes:
         self._check_model(model_name, accepted=(SERVED_MODEL_NAME, self._cfg.model_name), param="model_name")
         check_model_version(model_version)
 
-    @app.get("/v2")
-    async def kserve_server_metadata(self) -> dict[str, Any]:
+    async def _kserve_server_metadata(self) -> dict[str, Any]:
         return server_metadata(SERVICE_VERSION)
 
-    @app.get("/v2/health/live")
-    async def kserve_live(self) -> dict[str, bool]:
+    async def _kserve_live(self) -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
-    async def kserve_ready(self) -> dict[str, bool]:
+    async def _kserve_ready(self) -> dict[str, bool]:
         return await self._ready_or_503({"ready": True})
 
-    @app.get("/v2/models/{model_name}")
-    @app.get("/v2/models/{model_name}/versions/{model_version}")
-    async def kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+    async def _kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_kserve_model(model_name, model_version)  # errors: the ServiceError handler, KServe shape
         return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
 
-    @app.get("/v2/models/{model_name}/ready")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
-    async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+    async def _kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_kserve_model(model_name, model_version)
         return await self._ready_or_503({"name": model_name, "ready": True})
 
-    @app.get("/v2/models/{model_name}/config")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/config")
-    async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+    async def _kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         """Triton's JSON model configuration (what PyTriton's clients read before inferring)."""
         self._check_kserve_model(model_name, model_version)
         return model_config(model_name, len(self._cfg.scoring.attribute_names),
                             self._cfg.router.max_conversations_per_request)
 
-    @app.post("/v2/repository/index")
-    async def kserve_repository_index(self) -> list[dict[str, str]]:
+    async def _kserve_repository_index(self) -> list[dict[str, str]]:
         """Triton's model repository index (PyTriton's asyncio client polls it for the model's state)."""
         return [{"name": name, "version": MODEL_VERSION, "state": "READY"}
                 for name in dict.fromkeys((SERVED_MODEL_NAME, self._cfg.model_name))]

@@ -3,7 +3,8 @@
 (`POST /classify`, `POST /pooling`, `deployments.vllm_api`, what veRL's remote reward client calls). Each
 route is validate -> render/tokenize -> the router's scoring path -> the protocol's response.
 
-A mixin of `deployments.router.Router` (Ray Serve registers the routes of every class in its MRO).
+A mixin of `deployments.router.Router`, which declares the routes (a route method must be the ingress
+class's own: Serve pickles the app with it) and delegates to the methods here.
 """
 
 from collections.abc import Sequence
@@ -11,24 +12,15 @@ from typing import Any
 
 from fastapi import Request
 
-from deployments.http_app import app
 from deployments.http_body import request_id as _request_id
-from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse, get_reward_body
+from deployments.openrlhf_api import GetRewardRequest, get_reward_body
 from deployments.prompt import TokenizedPrompt
 from deployments.rendered_prompts import tokenize_rendered
-from deployments.vllm_api import (
-    ClassifyRequest,
-    ClassifyResponse,
-    PoolingRequest,
-    PoolingResponse,
-    classify_body,
-    pooling_body,
-)
+from deployments.vllm_api import ClassifyRequest, PoolingRequest, classify_body, pooling_body
 
 
 class RLHFRoutes:
-    @app.post("/get_reward", response_model=GetRewardResponse)
-    async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
+    async def _get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
         """OpenRLHF's `--remote_rm_url`: rendered queries -> weighted rewards and per-attribute logs."""
         try:
             prompts = await self._in_pool(self._rendered_prompts, body.query, "query", True)
@@ -37,8 +29,7 @@ class RLHFRoutes:
         except Exception as exc:
             return self._http_error(exc, http_request)
 
-    @app.post("/classify", response_model=ClassifyResponse)
-    async def classify(self, body: ClassifyRequest, http_request: Request) -> Any:
+    async def _classify(self, body: ClassifyRequest, http_request: Request) -> Any:
         """vLLM's `/classify` for reward models: `probs` = nine attributes, then the weighted reward."""
         try:
             prompts = await self._vllm_prompts(body)
@@ -48,8 +39,7 @@ class RLHFRoutes:
         except Exception as exc:
             return self._http_error(exc, http_request)
 
-    @app.post("/pooling", response_model=PoolingResponse)
-    async def pooling(self, body: PoolingRequest, http_request: Request) -> Any:
+    async def _pooling(self, body: PoolingRequest, http_request: Request) -> Any:
         """vLLM's `/pooling` for reward models: `data` = nine attributes, then the weighted reward."""
         try:
             prompts = await self._vllm_prompts(body)

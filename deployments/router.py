@@ -2,9 +2,9 @@
 weigh the attributes -> respond.
 
 Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
-and `GET /v1/models` (`deployments.openai_api`), and `/health` here; KServe v2 / Triton `/v2/...` in the
-`deployments.kserve_routes` mixin; OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
-`POST /pooling` in the `deployments.rlhf_routes` mixin. The app, its middleware and the error mapping are
+and `GET /v1/models` (`deployments.openai_api`), `/health`, KServe v2 / Triton `/v2/...` (their work in
+the `deployments.kserve_routes` mixin), OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
+`POST /pooling` (their work in the `deployments.rlhf_routes` mixin). The app, its middleware and the error mapping are
 `deployments.http_app`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
 concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
 `__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from configs.service import ServiceConfig
@@ -46,11 +46,13 @@ from deployments.kserve_routes import KServeRoutes
 from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
-from deployments.openapi_docs import ERROR_RESPONSES, json_body_docs
+from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, json_body_docs
+from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
 from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
 from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
+from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
 from sharding.forest import unique_tokens
 
@@ -217,6 +219,59 @@ class Router(KServeRoutes, RLHFRoutes):
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
         return models_body(self._cfg.model_name)
+
+    # --- KServe v2 / Triton: the routes; their work is `deployments.kserve_routes` -------------------------
+
+    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=ERROR_RESPONSES,
+              openapi_extra=KSERVE_INFER_DOCS)
+    async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
+        return await self._kserve_infer(model_name=model_name, http_request=http_request, model_version=model_version)
+
+    @app.get("/v2")
+    async def kserve_server_metadata(self) -> dict[str, Any]:
+        return await self._kserve_server_metadata()
+
+    @app.get("/v2/health/live")
+    async def kserve_live(self) -> dict[str, bool]:
+        return await self._kserve_live()
+
+    @app.get("/v2/health/ready")
+    async def kserve_ready(self) -> dict[str, bool]:
+        return await self._kserve_ready()
+
+    @app.get("/v2/models/{model_name}")
+    @app.get("/v2/models/{model_name}/versions/{model_version}")
+    async def kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        return await self._kserve_model_metadata(model_name=model_name, model_version=model_version)
+
+    @app.get("/v2/models/{model_name}/ready")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
+    async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        return await self._kserve_model_ready(model_name=model_name, model_version=model_version)
+
+    @app.get("/v2/models/{model_name}/config")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/config")
+    async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
+        return await self._kserve_model_config(model_name=model_name, model_version=model_version)
+
+    @app.post("/v2/repository/index")
+    async def kserve_repository_index(self) -> list[dict[str, str]]:
+        return await self._kserve_repository_index()
+
+    # --- OpenRLHF /get_reward, vLLM /classify and /pooling: `deployments.rlhf_routes` ----------------------
+
+    @app.post("/get_reward", response_model=GetRewardResponse)
+    async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
+        return await self._get_reward(body=body, http_request=http_request)
+
+    @app.post("/classify", response_model=ClassifyResponse)
+    async def classify(self, body: ClassifyRequest, http_request: Request) -> Any:
+        return await self._classify(body=body, http_request=http_request)
+
+    @app.post("/pooling", response_model=PoolingResponse)
+    async def pooling(self, body: PoolingRequest, http_request: Request) -> Any:
+        return await self._pooling(body=body, http_request=http_request)
 
     # --- shared -------------------------------------------------------------------------------------------
 
