@@ -122,8 +122,7 @@ def engine_inputs(micro_batch, runtime, device: torch.device) -> tuple[torch.Ten
     if FOREST_AVAILABLE:
         from sharding.model import micro_batch_inputs
 
-        ids, kwargs, _ = micro_batch_inputs(micro_batch, runtime, device, True)
-        return ids, kwargs
+        return micro_batch_inputs(micro_batch, runtime, device, True)
     tokens, lengths = micro_batch
     return torch.from_numpy(tokens).to(device), {"lengths": torch.from_numpy(lengths).to(device)}
 
