@@ -52,15 +52,21 @@ def test_nemo_aligner_annotation_flow_through_pytriton(http, demo_app):
                   "label": None if (i, t) == (1, 0) else "quality:4"}
                  for t in range(1 + i) for k in range(2)]} for i in range(3)]
     annotated, raw = annotate(lines, host_port(demo_app))
-    # The same per-turn prefixes, scored by /v1/score with turns="all".
+    # The same per-turn prefixes, each scored by /v1/score on its own, as the annotator sends them.
     convs = [{"messages": [{"role": "user" if c["from"] == "User" else "assistant", "content": c["value"]}
                            for c in line["conversations"]]} for line in lines]
-    results = native(http, convs, turns="all")
-    expected = [attributes_of(turn) for line, result in zip(lines, results)
-                for turn, c in zip(result["turns"], [c for c in line["conversations"] if c["from"] == "Assistant"])
-                if c["label"] is not None]
+    expected = [attributes_of(native(http, [{"messages": conv["messages"][:k + 1]}])[0])
+                for line, conv in zip(lines, convs) for k, c in enumerate(line["conversations"])
+                if c["from"] == "Assistant" and c["label"] is not None]
     assert sum(len(labelled_prefixes(line)) for line in lines) == len(raw) == len(expected) == 5
     np.testing.assert_allclose(np.array(raw), np.array(expected), atol=TOL, rtol=0)
+    # And as /v1/score's turns="all" scores them in one token forest (its earlier turns shared): equal to the
+    # sequences alone within the forest's float32 exactness bound (1e-5, tests/integration/test_forest.py).
+    results = native(http, convs, turns="all")
+    all_turns = [attributes_of(turn) for line, result in zip(lines, results)
+                 for turn, c in zip(result["turns"], [c for c in line["conversations"] if c["from"] == "Assistant"])
+                 if c["label"] is not None]
+    np.testing.assert_allclose(np.array(raw), np.array(all_turns), atol=1e-5, rtol=0)
     labels = iter(expected)
     for line in annotated:
         for turn in line["conversations"]:
@@ -133,8 +139,8 @@ def test_triton_config_and_versioned_routes(http, demo_app):
     ("GET", "/v2/models/nope/config", 404, "model 'nope' is not served here"),
     ("GET", "/v2/models/reward_model/versions/2", 404, "model version '2' is not served here"),
     ("POST", "/v2/models/reward_model/versions/3/infer", 404, "model version '3'"),
-    ("GET", "/v2/models/reward_model/stats", 404, "/v2/models/reward_model/stats: Not Found"),
-    ("GET", "/v2/models/reward_model/infer", 405, "Method Not Allowed"),
+    ("GET", "/v2/models/reward_model/stats", 404, "/v2/models/reward_model/stats is not a route of this service"),
+    ("GET", "/v2/models/reward_model/infer", 405, "GET is not allowed on /v2/models/reward_model/infer"),
     ("POST", "/v2/models/reward_model/infer", 400, "inputs: Field required"),
 ])
 def test_v2_errors_are_kserve_shaped(http, method, path, status, fragment):
