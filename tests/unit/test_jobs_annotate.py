@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 
 import httpx
 import pytest
@@ -166,8 +167,13 @@ def test_http_client_retries_gateway_and_proxy_errors_with_jitter(monkeypatch):
     from jobs import client as client_module
 
     sleeps = []
+    real_sleep = asyncio.sleep
 
     async def fake_sleep(seconds):
+        # `asyncio.sleep` is patched for the whole process: record only the client's backoff, and let any other
+        # event loop still running in this process (earlier tests' threads) sleep for real.
+        if sys._getframe(1).f_globals.get("__name__") != client_module.__name__:
+            return await real_sleep(seconds)
         sleeps.append(seconds)
 
     monkeypatch.setattr(client_module.asyncio, "sleep", fake_sleep)
