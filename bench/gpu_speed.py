@@ -55,7 +55,7 @@ SETTINGS = {
                matmul_n=512),
 }
 NSEQ = 48
-MICRO_BATCH_SIZE = 16  # transformers' batches (and the engine's padded ones in trees without the forest layout)
+MICRO_BATCH_SIZE = 16  # transformers' batches of sequences
 MAX_TOKENS_PER_MICRO_BATCH = 16384  # parallel.max_tokens_per_micro_batch of both engine layouts
 
 
@@ -66,8 +66,6 @@ def forest_layout_available() -> bool:
 
     return "batch_layout" in ParallelConfig.model_fields
 
-
-FOREST_AVAILABLE = forest_layout_available()
 SEED = 0
 WARMUP_PASSES = 1
 TIMED_PASSES = 3
@@ -106,25 +104,18 @@ def draw_weights(model: torch.nn.Module, device: torch.device) -> None:
 
 def engine_plan(token_lists: Sequence[Sequence[int]], layout: str) -> tuple[list, np.ndarray]:
     """The engine's micro-batches of the batch at `layout` and `order` (output row r is sequence order[r])."""
-    if FOREST_AVAILABLE:
-        from configs.service import ParallelConfig
-        from sharding.micro_batches import plan_micro_batches
+    from configs.service import ParallelConfig
+    from sharding.micro_batches import plan_micro_batches
 
-        return plan_micro_batches(token_lists, ParallelConfig(batch_layout=layout,
-                                                              max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH))
-    from sharding.micro_batches import make_micro_batches  # the engine before layouts were configurable
-
-    return make_micro_batches(token_lists, MICRO_BATCH_SIZE)
+    return plan_micro_batches(token_lists, ParallelConfig(batch_layout=layout,
+                                                          max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH))
 
 
 def engine_inputs(micro_batch, runtime, device: torch.device) -> tuple[torch.Tensor, dict]:
     """(input ids, keyword arguments of the model) of one micro-batch, as the worker's first stage builds them."""
-    if FOREST_AVAILABLE:
-        from sharding.model import micro_batch_inputs
+    from sharding.model import micro_batch_inputs
 
-        return micro_batch_inputs(micro_batch, runtime, device, True)
-    tokens, lengths = micro_batch
-    return torch.from_numpy(tokens).to(device), {"lengths": torch.from_numpy(lengths).to(device)}
+    return micro_batch_inputs(micro_batch, runtime, device, True)
 
 
 def micro_batch_tokens(micro_batch) -> int:
@@ -219,9 +210,6 @@ def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], N
         build_s = time.perf_counter() - start
         for layout in ("padded", "forest"):
             name = f"engine_{layout}"
-            if layout == "forest" and not FOREST_AVAILABLE:
-                record(name, {"skipped": "this tree has no forest batch layout (parallel.batch_layout)"})
-                continue
             micro_batches, order = engine_plan(bench.token_lists, layout)
 
             def forward(micro_batches=micro_batches, order=order) -> np.ndarray:  # ModelWorker.forward, one stage
@@ -317,9 +305,8 @@ def run_benchmark(dry_run: bool, write: Callable[[dict], None]) -> bool:
                         "normalization": "layernorm1p", "rotary_percentage": 0.5, "num_attributes": 9},
               "nseq": NSEQ, "length_range": [lo, hi], "lengths": bench.lengths, "real_tokens": sum(bench.lengths),
               "micro_batching": {"transformers_sequences_per_batch": MICRO_BATCH_SIZE,
-                                 "engine_max_tokens_per_micro_batch": MAX_TOKENS_PER_MICRO_BATCH if FOREST_AVAILABLE
-                                 else None,
-                                 "engine_sequences_per_micro_batch": None if FOREST_AVAILABLE else MICRO_BATCH_SIZE},
+                                 "engine_max_tokens_per_micro_batch": MAX_TOKENS_PER_MICRO_BATCH,
+                                 "engine_sequences_per_micro_batch": None},
               "matmul_n": settings["matmul_n"],
               "matmul_tflops": significant(ceiling), "flop_formula": FLOP_FORMULA, "systems": {},
               "forest_vs_padded_max_abs_diff": None, "engine_padded_over_transformers_sorted": None,
