@@ -43,4 +43,4 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": config.runtime.replica_cpus},
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
-    return Router.bind(model, scoring, config_json)
+    return Router.options(num_replicas=config.router.num_replicas).bind(model, scoring, config_json)

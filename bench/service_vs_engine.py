@@ -3,6 +3,7 @@
     python bench/service_vs_engine.py                         # 192 conversations, concurrency 1 8 64
     python bench/service_vs_engine.py --profile               # + where the time goes
     python bench/service_vs_engine.py --batch-layout padded  # padded micro-batches instead of the forest
+    python bench/service_vs_engine.py --model-worker-cores 1  # the model worker on a core of its own
 
 Config: configs/local.yaml's app args (the forest batch layout), with the overrides below.
 
@@ -21,7 +22,9 @@ What it measures (tokens are real prompt tokens, exactly what the router scores;
   machine is shared, so its free CPU drifts); `service_over_engine` is the ratio at the highest level
   (64 by default); targets >= 0.9 at concurrency 64 and >= 0.85 at 8.
 * latency at concurrency 1: the HTTP p50 over the p50 of one engine forward per conversation, alone
-  (target <= 1.3).
+  (target <= 1.3); and what each layer of the request path adds at c=1 (bench/request_path.py).
+* `--model-worker-cores N`: the model workers on N cores of their own, everything else on the rest (the
+  accelerator stand-in, bench/request_path.py); recorded as `model_worker_cores` in the JSON.
 
 `--profile` adds, per HTTP pass: CPU seconds of each process role of this Ray instance (worker,
 router, proxy, scoring, ...; the HTTP client is this driver), the worker compute thread's on-CPU /
@@ -64,6 +67,7 @@ from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # 
 from deployments.schemas import Message  # noqa: E402
 from sharding.micro_batches import computed_tokens  # noqa: E402
 from sharding.checkpoints.nemo import NemoCheckpoint  # noqa: E402
+from bench.request_path import hop_latencies, split_cores  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
 CORPUS = REPO / "demo" / "corpus.txt"
@@ -533,6 +537,10 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="Per pass: CPU by process role, the worker's on-CPU/run-queue/idle shares, model calls "
                         "and batch sizes; plus a handle (no HTTP) pass and an engine pass on the service's batch shape.")
+    p.add_argument("--model-worker-cores", type=int, default=0,
+                   help="Pin the model workers to the last N cores and every other process of this Ray instance "
+                        "(HTTP client included) to the others: the accelerator stand-in (bench/request_path.py). "
+                        "0 (default): everything shares every core.")
     g = p.add_argument_group("config: configs/local.yaml's app args with these overrides")
     g.add_argument("--batch-layout", choices=["forest", "padded"], help="parallel.batch_layout")
     g.add_argument("--max-tokens-per-micro-batch", type=int, help="parallel.max_tokens_per_micro_batch")
@@ -580,7 +588,15 @@ def main() -> None:
     small_batches = None
     bench = None
 
+    core_split = None
+
+    def pin() -> None:
+        nonlocal core_split
+        if args.model_worker_cores:
+            core_split = split_cores(args.model_worker_cores, lambda proc: _role(proc.cmdline(), proc.name()))
+
     def engine_pass(label: str) -> dict[str, Any]:
+        pin()
         r = {"label": label, **bench.run(batches, profile=args.profile)}
         engine_passes.append(r)
         print(f"engine pass ({label}): {r['tokens_per_s']:,.1f} tokens/s in {r['wall_s']:.2f}s"
@@ -618,11 +634,15 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{HTTP_PORT}"
         asyncio.run(http_pass(conversations[: min(len(conversations), 32)], 8, base_url))  # warm-up
 
+        pin()
         forwards_ms = bench.single_forwards_ms(token_lists)
         single_forward_p50_ms = round(statistics.median(forwards_ms), 1)
         print(f"engine: one forward per conversation, alone: p50 {single_forward_p50_ms} ms", flush=True)
+        hops = asyncio.run(hop_latencies(conversations[:64], token_lists[:64], bench.engine, base_url))
+        print(f"request path at c=1 (p50 ms, first 64 conversations): {json.dumps(hops)}", flush=True)
         before = engine_pass("start")
         for c in args.concurrency:
+            pin()
             r = profiled(http_pass, conversations, c, base_url, profile=args.profile)
             if r["tokens"] != total_tokens:
                 raise RuntimeError(f"service scored {r['tokens']} tokens; the pre-tokenized set has "
@@ -636,6 +656,7 @@ def main() -> None:
             service.append(r)
         if args.profile:
             c = max(args.concurrency)
+            pin()
             handle = profiled(handle_pass, conversations, c, profile=True)
             compare(handle, before, engine_pass("after handle pass"))
             print(f"handle (no HTTP) c={c}: {json.dumps(handle)}", flush=True)
@@ -681,6 +702,8 @@ def main() -> None:
         "latency_c1_target": LATENCY_C1_TARGET,
         "latency_method": ("p50 of the HTTP request latency at concurrency 1 over the p50 of one engine.score call "
                            "per conversation (the same conversations, alone, from this driver)"),
+        "request_path_c1": hops,
+        "model_worker_cores": core_split,
         "engine": {
             "passes": engine_passes,
             "batches": len(batches),

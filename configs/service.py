@@ -120,6 +120,11 @@ class RouterConfig(StrictModel):
         description="Model batches one router replica keeps sent and unanswered; the next batch is formed when "
                     "fewer are in flight. Null: pipeline_parallel_size + 1 (every stage busy, one batch waiting).",
     )
+    num_replicas: int = Field(
+        default=1, ge=1,
+        description="Router replicas (Serve spreads requests over them); each keeps its own batch queue and its own "
+                    "batches in flight to the one model replica.",
+    )
     max_queued_tokens: int = Field(
         default=262144, gt=0,
         description="Tokens one router replica holds waiting for the model; a request that would go past it gets "

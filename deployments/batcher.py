@@ -16,6 +16,9 @@ at least one prompt). So:
   queue is always accepted, so a request larger than the bound (up to `max_conversations_per_request` x
   the input limit) is still served when the router is otherwise idle.
 
+Each prompt may carry an opaque `extra` (the router passes the prompt's scoring weights): the model call gets
+the batch's token lists and their extras, in the same order.
+
 Retry-After is the time the queue ahead would take to drain at the throughput measured over recent batches
 (at least 1 s, at most `MAX_RETRY_AFTER_S`).
 """
@@ -28,12 +31,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from deployments.errors import OverloadedError
 
-ModelCall = Callable[[list[list[int]]], Awaitable[np.ndarray]]
+ModelCall = Callable[[list[list[int]], list[Any]], Awaitable[np.ndarray]]
 MAX_RETRY_AFTER_S = 60
 THROUGHPUT_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
 
@@ -52,6 +56,7 @@ class _Prompt:
     token_ids: list[int]
     request: _Request
     index: int
+    extra: Any = None
 
 
 @dataclass
@@ -62,7 +67,8 @@ class BatcherStats:
 
 
 class TokenBatcher:
-    """`await score(token_lists)` -> float32 [N, A]; batches go to `model_call` as described above."""
+    """`await score(token_lists, extras)` -> the model call's rows for these prompts, stacked ([N, ...]); batches
+    go to `model_call(token_lists, extras)` as described above."""
 
     def __init__(self, model_call: ModelCall, max_tokens_per_batch: int, max_batches_in_flight: int,
                  max_queued_tokens: int):
@@ -85,9 +91,11 @@ class TokenBatcher:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def score(self, token_lists: Sequence[list[int]]) -> np.ndarray:
+    async def score(self, token_lists: Sequence[list[int]], extras: Sequence[Any] | None = None) -> np.ndarray:
         if not token_lists:
             raise ValueError("no prompts to score")
+        if extras is not None and len(extras) != len(token_lists):
+            raise ValueError(f"{len(extras)} extras for {len(token_lists)} prompts")
         tokens = sum(len(ids) for ids in token_lists)
         if self._queued_tokens and self._queued_tokens + tokens > self._max_queued_tokens:
             retry_after_s = self._retry_after_s()
@@ -97,7 +105,8 @@ class TokenBatcher:
                 retry_after_s=retry_after_s,
             )
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(token_lists), len(token_lists))
-        prompts = [_Prompt(list(ids), request, i) for i, ids in enumerate(token_lists)]
+        extras = [None] * len(token_lists) if extras is None else extras
+        prompts = [_Prompt(list(ids), request, i, extra) for i, (ids, extra) in enumerate(zip(token_lists, extras))]
         self._queue.extend(prompts)
         self._queued_tokens += tokens
         self._dispatch()
@@ -130,7 +139,7 @@ class TokenBatcher:
     async def _run(self, batch: list[_Prompt], tokens: int) -> None:
         started_s = time.perf_counter()
         try:
-            output = await self._model_call([p.token_ids for p in batch])
+            output = await self._model_call([p.token_ids for p in batch], [p.extra for p in batch])
             if len(output) != len(batch):
                 raise RuntimeError(f"the model returned {len(output)} rows for a batch of {len(batch)}")
         except BaseException as exc:  # noqa: BLE001 - every waiting caller gets the batch's error

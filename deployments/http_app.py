@@ -1,5 +1,5 @@
-"""The router's FastAPI app and what runs around every route: the request-id and API-key middleware, the
-drain gate of a graceful stop, the body-size limit (`deployments.http_body`), the one error shape for every
+"""The router's FastAPI app and what runs around every route: the request gate (drain gate of a graceful
+stop, request id, API key, request counter), the body-size limit (`deployments.http_body`), the one error shape for every
 status (`deployments.errors.error_body`), and the mapping of any raised error onto the typed error a client
 should see. The routes themselves are methods of `deployments.router.Router` and its mixins
 (`deployments.kserve_routes`, `deployments.rlhf_routes`), all registered on this `app`. No torch here.
@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.errors import (
     ServiceError,
@@ -33,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling"})
 
 app = FastAPI(title="Reward scoring service")
-# Inside the request middleware below (added later = outer), so a keyless request gets 401 before its body is read.
+# Inside the RequestGate below (added later = outer).
 app.add_middleware(BodyLimitMiddleware, limit_bytes=lambda: getattr(app.state, "max_request_bytes", None))
 install_error_handlers(app)
 install_openapi(app)
@@ -59,43 +60,71 @@ def requires_api_key(path: str) -> bool:
     return path in SCORING_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
-@app.middleware("http")
-async def _request_middleware(request: Request, call_next):
-    """Request id, API key (before any body parsing, so a keyless request always gets 401), and the
-    per-route request counter."""
-    request_id = _request_id(request)
-    if requires_api_key(route_path(request.scope)):
+class RequestGate:
+    """Pure ASGI middleware around every route (no task and stream pair per request, as Starlette's
+    `BaseHTTPMiddleware` spends): the drain gate of a graceful stop (once `Router.drain` was called, new
+    requests get a 503; the requests in flight are counted in `app.state.in_flight`), the request id, the API
+    key (checked before any body is read, so a keyless request always gets 401), and the per-route request
+    counter."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        state = request.app.state
+        if getattr(state, "draining", False):
+            await error_response_for(ServiceUnavailableError("the service is shutting down"), request)(
+                scope, receive, send)
+            return
+        state.in_flight = getattr(state, "in_flight", 0) + 1
+        try:
+            await self._gated(request, receive, send)
+        finally:
+            state.in_flight -= 1
+
+    async def _gated(self, request: Request, receive: Receive, send: Send) -> None:
+        scope = request.scope
+        request_id = _request_id(request)
+        # Serve's proxy already echoes X-Request-Id on every response; set it only when nobody else will.
+        echo_id = REQUEST_ID_HEADER not in request.headers
+        status = [500]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = message.get("headers", [])
+                if echo_id and not any(name.lower() == REQUEST_ID_HEADER.encode() for name, _ in headers):
+                    message = {**message, "headers": [*headers, (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+            await send(message)
+
+        rejection = self._key_rejection(request, request_id)
+        try:
+            await (rejection or self.app)(scope, receive, send_with_id)
+        finally:  # an error escaping the app is counted as the 500 Starlette answers for it
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.request(route_name(request), status[0])
+
+    @staticmethod
+    def _key_rejection(request: Request, request_id: str) -> JSONResponse | None:
+        if not requires_api_key(route_path(request.scope)):
+            return None
         try:
             request.app.state.api_key_check.check(request.headers.get("authorization"))
         except AttributeError:  # the router has not finished starting: never serve unchecked
-            response = error_response_for(ServiceUnavailableError("the service is starting, retry later"), request)
+            return error_response_for(ServiceUnavailableError("the service is starting, retry later"), request)
         except ServiceError as error:
             logger.info("request %s rejected: %s", request_id, error.message)
-            response = error_response_for(error, request)
-        else:
-            response = await call_next(request)
-    else:
-        response = await call_next(request)
-    # Serve's proxy already echoes X-Request-Id on every response; set it only when nobody else will.
-    if REQUEST_ID_HEADER not in request.headers and REQUEST_ID_HEADER not in response.headers:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.request(route_name(request), response.status_code)
-    return response
+            return error_response_for(error, request)
+        return None
 
 
-@app.middleware("http")
-async def _drain_middleware(request: Request, call_next):
-    """Counts the HTTP requests in flight; once `Router.drain` was called, new ones get a 503."""
-    state = request.app.state
-    if getattr(state, "draining", False):
-        return error_response_for(ServiceUnavailableError("the service is shutting down"), request)
-    state.in_flight = getattr(state, "in_flight", 0) + 1
-    try:
-        return await call_next(request)
-    finally:
-        state.in_flight -= 1
+# Outermost (added last): the gate, then the body limit, so a keyless request gets 401 before its body is read.
+app.add_middleware(RequestGate)
 
 
 def route_name(request: Request) -> str:

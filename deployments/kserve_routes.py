@@ -48,7 +48,7 @@ class KServeRoutes:
             )
             prompts = await self._in_pool(self._kserve_prompts, request)
             self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
-            attributes = await self._attributes_for([prompt.token_ids for prompt in prompts], "inputs")
+            attributes = (await self._score_tokens([prompt.token_ids for prompt in prompts], "inputs")).attributes
             exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
             body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
             return Response(content=body, headers=headers)

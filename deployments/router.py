@@ -5,10 +5,12 @@ Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST
 and `GET /v1/models` (`deployments.openai_api`), `/health`, KServe v2 / Triton `/v2/...` (their work in
 the `deployments.kserve_routes` mixin), OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
 `POST /pooling` (their work in the `deployments.rlhf_routes` mixin). The app, its middleware and the error mapping are
-`deployments.http_app`. Every scoring route goes through the same path, `_attributes_for`: its prompts of all
+`deployments.http_app`. Every scoring route goes through the same path, `_score_tokens`: its prompts of all
 concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
 `__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
 than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
+Each batch makes one model call and one `ScoringDeployment.weigh` call (each prompt with its request's weights),
+not one scoring call per request.
 Errors leave as the typed errors of `deployments.errors`: as JSON in one shape over HTTP, as the same
 types to handle callers. The optional API key (`deployments.auth`) and the request metrics
 (`deployments.metrics`) live in the HTTP middleware. Request limits (`deployments.limits`, body size in
@@ -22,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import Request
@@ -51,12 +53,20 @@ from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
 from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
+from deployments.scoring import scored_rows
 from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
 from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
 from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
+
+
+class ModelScores(NamedTuple):
+    """One request's model output: float32 [N, A] attributes and float64 [N] weighted scores."""
+
+    attributes: np.ndarray
+    scores: np.ndarray
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -93,8 +103,10 @@ class Router(KServeRoutes, RLHFRoutes):
 
     # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
 
-    async def _run_model_batch(self, token_lists: list[list[int]]) -> np.ndarray:
-        """One model call for a token-budget batch: float32 [B, A]."""
+    async def _run_model_batch(self, token_lists: list[list[int]], weights: list[Sequence[float] | None]
+                               ) -> np.ndarray:
+        """One model call and one scoring call for a token-budget batch: float64 [B, A + 1], the attributes
+        then each prompt's weighted score (with its request's weights; None: the service's)."""
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
@@ -105,18 +117,25 @@ class Router(KServeRoutes, RLHFRoutes):
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
-        return attributes
+        scores = np.asarray(await self._scoring.weigh.remote(attributes, weights), dtype=np.float64)
+        return np.column_stack([attributes.astype(np.float64), scores])
 
-    async def _attributes_for(self, token_lists: Sequence[list[int]], param: str | None = None) -> np.ndarray:
-        """float32 [N, A]: every prompt of a request enters the replica's batch queue at once, together (after
-        the per-request token limit)."""
+    async def _score_tokens(self, token_lists: Sequence[list[int]], param: str | None = None,
+                            weights: Sequence[float] | None = None) -> ModelScores:
+        """Attributes and weighted scores of a request's prompts: they enter the replica's batch queue at once,
+        together (after the per-request token limit); `weights` are the request's own (None: the service's)."""
         check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
-        attributes = await self._batcher.score(token_lists)
+        rows = await self._batcher.score(token_lists, [weights] * len(token_lists))
+        attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
         bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
         if bad.size:
             raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
                                f"the request ({bad.size} in all); no score is given")
-        return attributes
+        return ModelScores(attributes, rows[:, -1])
+
+    def _scored_rows(self, scores: ModelScores, custom_weights: bool) -> list[dict[str, Any]]:
+        """`{"score", "attributes"}` per prompt (`deployments.scoring.scored_rows`: an overflowing score is an error)."""
+        return scored_rows(self._cfg.scoring.attribute_names, scores.attributes, scores.scores, custom_weights)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """CPU work of a request (tokenizing, fitting, decoding KServe bodies) on the bounded tokenizer pool."""
@@ -162,8 +181,8 @@ class Router(KServeRoutes, RLHFRoutes):
         per_conversation = await self._in_pool(self._tokenize, request)
         prompts = [prompt for turns in per_conversation for _, prompt in turns]
         self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
-        attributes = await self._attributes_for([prompt.token_ids for prompt in prompts])
-        scored = iter(await self._scoring.score.remote(attributes, request.weights))
+        model_scores = await self._score_tokens([prompt.token_ids for prompt in prompts], weights=request.weights)
+        scored = iter(self._scored_rows(model_scores, custom_weights=request.weights is not None))
         results = []
         for index, turns in enumerate(per_conversation):
             turn_results = [
@@ -210,7 +229,7 @@ class Router(KServeRoutes, RLHFRoutes):
             prompt = await self._in_pool(
                 self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
             )
-            attributes = await self._attributes_for([prompt.token_ids], "messages")
+            attributes = (await self._score_tokens([prompt.token_ids], "messages")).attributes
             named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
             return chat_completion_body(_request_id(http_request), self._cfg.model_name, named, prompt.num_tokens)
         except Exception as exc:

@@ -1,5 +1,8 @@
 """Turns the reward head's attribute vectors into scalar rewards: score = dot(weights, attributes).
 
+The router calls `ScoringDeployment.weigh` once per model batch, with each prompt's weights (a request's own
+`weights`, or None for the defaults), and builds each request's results with `scored_rows`.
+
 `WeightedScorer` is the plain math (testable without Ray); `ScoringDeployment` wraps it and takes new
 default weights through `user_config` (`{"weights": [...]}`) without a restart.
 """
@@ -50,34 +53,54 @@ class WeightedScorer:
     ) -> list[dict[str, Any]]:
         """One `{"score", "attributes"}` per row; `weights` overrides the defaults for this call and
         raises InvalidRequestError (param `weights`) when it has the wrong length."""
+        if weights is not None:
+            try:
+                self._checked_weights(weights, "weights")
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), param="weights") from None
+        array = self._checked_attributes(attributes)
+        scores = self.weigh(array, [weights] * array.shape[0])
+        return scored_rows(self.attribute_names, array, scores, custom_weights=weights is not None)
+
+    def weigh(self, attributes: Sequence[Sequence[float]] | np.ndarray,
+              weights_per_row: Sequence[Sequence[float] | None]) -> np.ndarray:
+        """float64 [N] scores of a whole model batch, each row with its own weights (None: the defaults). Never
+        raises for one row's numbers (a non-finite attribute, a dot product that overflows): that row's score
+        is not finite and `scored_rows` turns it into that request's error, so batch mates are not failed."""
+        array = self._checked_attributes(attributes)
+        if len(weights_per_row) != array.shape[0]:
+            raise ValueError(f"{len(weights_per_row)} weight rows for {array.shape[0]} attribute rows")
+        matrix = np.stack([self.weights if w is None else self._checked_weights(w, "weights")
+                           for w in weights_per_row]) if weights_per_row else np.zeros((0, self.num_attributes))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.einsum("na,na->n", array, matrix)
+
+    def _checked_attributes(self, attributes: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
         array = np.asarray(attributes, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != self.num_attributes:
             raise ValueError(f"attributes have shape {array.shape}; expected [N, {self.num_attributes}]")
-        if weights is None:
-            w = self.weights
-        else:
-            try:
-                w = self._checked_weights(weights, "weights")
-            except ValueError as exc:
-                raise InvalidRequestError(str(exc), param="weights") from None
-        with np.errstate(over="ignore", invalid="ignore"):
-            scores = array @ w
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"attributes {int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])} are not finite")
-        overflow = np.flatnonzero(~np.isfinite(scores))
-        if overflow.size:  # finite weights and attributes whose dot product overflows float64: never a null score
-            message = (f"the score of prompt {int(overflow[0])} overflows to {scores[overflow[0]]} with "
-                       f"{'these' if weights is not None else 'the service'} weights; use smaller weights")
-            if weights is None:
-                raise ValueError(message)
-            raise InvalidRequestError(message, param="weights")
-        return [
-            {
-                "score": float(scores[i]),
-                "attributes": {name: float(value) for name, value in zip(self.attribute_names, array[i])},
-            }
-            for i in range(array.shape[0])
-        ]
+        return array
+
+
+def scored_rows(attribute_names: Sequence[str], attributes: np.ndarray, scores: np.ndarray,
+                custom_weights: bool) -> list[dict[str, Any]]:
+    """One `{"score", "attributes"}` per row of one request. Raises ValueError when an attribute is not finite
+    or the service weights overflow a score, InvalidRequestError (param `weights`) when the request's own
+    weights do: never a null score."""
+    attributes = np.asarray(attributes, dtype=np.float64)
+    if not np.all(np.isfinite(attributes)):
+        raise ValueError(f"attributes {int(np.flatnonzero(~np.isfinite(attributes).all(axis=1))[0])} are not finite")
+    overflow = np.flatnonzero(~np.isfinite(scores))
+    if overflow.size:  # finite weights and attributes whose dot product overflows float64: never a null score
+        message = (f"the score of prompt {int(overflow[0])} overflows to {scores[overflow[0]]} with "
+                   f"{'these' if custom_weights else 'the service'} weights; use smaller weights")
+        if not custom_weights:
+            raise ValueError(message)
+        raise InvalidRequestError(message, param="weights")
+    return [
+        {"score": float(scores[i]), "attributes": {name: float(v) for name, v in zip(attribute_names, attributes[i])}}
+        for i in range(attributes.shape[0])
+    ]
 
 
 def parse_user_config(user_config: dict[str, Any], num_attributes: int) -> tuple[float, ...]:
@@ -107,6 +130,10 @@ class ScoringDeployment:
         self, attributes: Sequence[Sequence[float]] | np.ndarray, weights: Sequence[float] | None = None
     ) -> list[dict[str, Any]]:
         return self._scorer.score(attributes, weights)
+
+    def weigh(self, attributes: np.ndarray, weights_per_row: Sequence[Sequence[float] | None]) -> np.ndarray:
+        """float64 [B] scores of one model batch (the router calls this once per batch, not per request)."""
+        return self._scorer.weigh(attributes, weights_per_row)
 
     def current_weights(self) -> list[float]:
         return self._scorer.weights.tolist()

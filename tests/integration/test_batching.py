@@ -1,5 +1,6 @@
 """The router's pull-based batching on the real engine (TP1 x PP1): a full queue answers 503 with
-Retry-After, and a lone request goes to the model at once (there is no batch wait to sit out)."""
+Retry-After, a lone request goes to the model at once (there is no batch wait to sit out), requests batched
+together keep their own scoring weights, and two router replicas (each with its own queue) serve one model."""
 
 from __future__ import annotations
 
@@ -81,3 +82,58 @@ def test_lone_request_is_not_delayed(demo_app):
     model_s = best_of_5(lambda: np.asarray(model.score.remote(tokens).result()))
     router_s = best_of_5(lambda: router.score.remote(request).result())
     assert router_s < model_s + 0.1, f"router {router_s * 1e3:.0f} ms vs one model call {model_s * 1e3:.0f} ms"
+
+
+def test_co_batched_requests_keep_their_own_weights(demo_app):
+    """The scoring deployment weighs a whole batch at once, each prompt with its request's weights: concurrent
+    requests with different weights (and none) each get their own dot product."""
+    names = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+    custom = [[0.0] * 4 + [1.0, 0, 0, 0, 0], None, [0.0] * 4 + [0, 0, 0, 0, -2.0], [0.5] * 9]
+    bodies = [{"conversations": [conversation(i, words=10 + i), conversation(i + 7, words=5)],
+               **({} if w is None else {"weights": w})} for i, w in enumerate(custom * 3)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=demo_app, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/score", json=body) for body in bodies))
+
+    default = np.asarray(serve.get_deployment_handle("ScoringDeployment", app_name="reward")
+                         .current_weights.remote().result())
+    for body, response in zip(bodies, asyncio.run(burst())):
+        assert response.status_code == 200, response.text
+        weights = np.asarray(body.get("weights", default), dtype=np.float64)
+        for result in response.json()["results"]:
+            attributes = np.asarray(list(result["attributes"].values()), dtype=np.float64)
+            assert list(result["attributes"])[-5:] == list(names)
+            assert result["score"] == pytest.approx(float(attributes @ weights), rel=1e-12, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def two_router_app(serve_http, demo_checkpoint):
+    from serve_app import build_app
+
+    args = service_args(demo_checkpoint, router={"num_replicas": 2, "max_batches_in_flight": 1})
+    deploy(build_app(args), name="tworouters", route_prefix="/tworouters")
+    yield f"{serve_http}/tworouters"
+    serve.delete("tworouters")
+
+
+def test_two_router_replicas_serve_one_model(two_router_app, demo_app):
+    """`router.num_replicas: 2`: two Router replicas, each with its own queue, feed the one model replica;
+    a burst spread over both gets every score right (as the one-router app scores each request alone)."""
+    bodies = [{"conversations": [conversation(i, words=8 + 3 * i)]} for i in range(16)]
+
+    async def burst(base: str, concurrently: bool) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            if concurrently:
+                return await asyncio.gather(*(client.post("/v1/score", json=body) for body in bodies))
+            return [await client.post("/v1/score", json=body) for body in bodies]
+
+    status = serve.status().applications["tworouters"].deployments["Router"]
+    assert status.replica_states.get("RUNNING") == 2, status
+    got, alone = asyncio.run(burst(two_router_app, True)), asyncio.run(burst(demo_app, False))
+    for body, response, reference in zip(bodies, got, alone):
+        assert response.status_code == 200 and reference.status_code == 200, (response.text, reference.text)
+        # Batch mates change raw floats by ~1e-6 (the forest layout); the weights are the same.
+        assert response.json()["results"][0]["score"] == pytest.approx(reference.json()["results"][0]["score"],
+                                                                      abs=1e-5)
+        assert response.json()["usage"] == reference.json()["usage"]

@@ -17,12 +17,14 @@ class FakeModel:
 
     def __init__(self, auto: bool = False):
         self.calls: list[list[list[int]]] = []
+        self.extras: list[list | None] = []
         self.gates: list[asyncio.Event] = []
         self.auto = auto
         self.fail_next: Exception | None = None
 
-    async def __call__(self, token_lists: list[list[int]]) -> np.ndarray:
+    async def __call__(self, token_lists: list[list[int]], extras: list | None = None) -> np.ndarray:
         self.calls.append(token_lists)
+        self.extras.append(extras)
         gate = asyncio.Event()
         self.gates.append(gate)
         if not self.auto:
@@ -197,5 +199,30 @@ def test_cancelled_caller_leaves_the_queue():
         model.release(0)
         await running
         assert len(model.calls) == 1
+
+    run(main())
+
+
+def test_extras_travel_with_their_prompts_across_batches():
+    """The router passes each prompt's scoring weights as its extra: a batch cut through a request, or holding
+    several requests, hands the model call each prompt's own extra in the batch's order."""
+
+    async def main():
+        model = FakeModel(auto=True)
+        batcher = TokenBatcher(model, max_tokens_per_batch=20, max_batches_in_flight=1, max_queued_tokens=1000)
+        blocker = FakeModel()
+        batcher._model_call = blocker  # hold the one slot so both requests queue
+        held = asyncio.ensure_future(batcher.score(prompts(1, first=99)))
+        await settle()
+        big = asyncio.ensure_future(batcher.score(prompts(8, 8, 8), extras=["a0", "a1", "a2"]))
+        small = asyncio.ensure_future(batcher.score(prompts(3, first=50)))  # no extras: None each
+        await settle()
+        batcher._model_call = model
+        blocker.release(0)
+        await asyncio.gather(big, small, held)
+        assert blocker.extras == [[None]]
+        assert model.extras == [["a0", "a1"], ["a2", None]]
+        with pytest.raises(ValueError, match="2 extras for 3 prompts"):
+            await batcher.score(prompts(1, 1, 1), extras=["x", "y"])
 
     run(main())

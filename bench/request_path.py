@@ -1,0 +1,101 @@
+"""Two views of one request's path through the service, for the CPU benchmarks (bench/service_vs_engine.py).
+
+* `split_cores`: the accelerator stand-in. On a GPU host the model computes on GPUs and the router, proxy and
+  HTTP clients use the host's CPUs; on this CPU-only machine the model worker computes on the same cores the
+  service's processes use, so every request's HTTP and routing work takes CPU time from the model. With
+  `--model-worker-cores N` the model worker processes of this Ray instance get the last N cores to themselves
+  and every other process of the instance (driver and HTTP client, proxy, router, scoring and model replicas,
+  Ray's daemons) the others. It pins every thread of each process (Linux affinity is per thread; threads
+  started later inherit it), so it is re-applied before each pass, after new processes appeared.
+* `hop_latencies`: at concurrency 1, the p50 of each prefix of the request path on the same conversations:
+  one `engine.score` call from the driver, one call through a handle to the model deployment (+ the Serve
+  hop to the model replica), one `Router.score` handle call (+ validation, tokenizing, the batcher, the
+  scoring deployment), one `POST /v1/score` (+ the HTTP proxy and the app's middleware and JSON), and a
+  `GET /v1/models` (the HTTP round trip through the proxy and the router with no work). The differences are
+  what each layer adds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL_WORKER_ROLE = "ModelWorker"
+
+
+def split_cores(model_worker_cores: int, role_of) -> dict[str, Any]:
+    """Pins this driver's process tree: `role_of(psutil.Process) -> str` names each process's role; the
+    `MODEL_WORKER_ROLE` ones get the last `model_worker_cores` cores of this process's affinity, all others
+    the rest. Returns the split and how many processes and threads each side has."""
+    import psutil
+
+    cores = sorted(os.sched_getaffinity(0))
+    if not 0 < model_worker_cores < len(cores):
+        raise ValueError(f"--model-worker-cores {model_worker_cores}: this machine has {len(cores)} cores; "
+                         f"the model workers need at least one and the rest of the service at least one")
+    model_cores, service_cores = set(cores[-model_worker_cores:]), set(cores[:-model_worker_cores])
+    me = psutil.Process(os.getpid())
+    counts = {"model_worker_processes": 0, "service_processes": 0, "threads": 0}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            is_worker = proc.pid != me.pid and role_of(proc) == MODEL_WORKER_ROLE
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        target = model_cores if is_worker else service_cores
+        counts["model_worker_processes" if is_worker else "service_processes"] += 1
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            try:
+                os.sched_setaffinity(int(task.name), target)
+                counts["threads"] += 1
+            except (OSError, ValueError):  # the thread ended meanwhile
+                continue
+    return {"model_worker_cores": sorted(model_cores), "service_cores": sorted(service_cores), **counts}
+
+
+def _p50_ms(times_s: list[float]) -> float:
+    return round(1000 * statistics.median(times_s), 1)
+
+
+async def hop_latencies(conversations: list[list[dict[str, str]]], token_lists: list[list[int]], engine: Any,
+                        base_url: str, app_name: str = "reward") -> dict[str, Any]:
+    """p50 ms of each prefix of the request path at concurrency 1 (see the module docstring), and the
+    difference each layer adds."""
+    import httpx
+    from ray import serve
+
+    model = serve.get_deployment_handle("RewardModelDeployment", app_name=app_name)
+    router = serve.get_app_handle(app_name)
+    bodies = [{"conversations": [{"messages": c}]} for c in conversations]
+
+    async def timed(call, items) -> float:
+        times = []
+        for item in items:
+            start = time.perf_counter()
+            await call(item)
+            times.append(time.perf_counter() - start)
+        return _p50_ms(times)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600.0) as client:
+        async def post(body):
+            response = await client.post("/v1/score", json=body)
+            response.raise_for_status()
+
+        p50 = {
+            "engine_score": await timed(lambda ids: engine.score([ids]), token_lists),
+            "model_deployment_handle": await timed(lambda ids: model.score.remote([ids]), token_lists),
+            "router_handle": await timed(lambda body: router.score.remote(body), bodies),
+            "http_score": await timed(post, bodies),
+            "http_get_models": await timed(lambda _: client.get("/v1/models"), bodies),
+        }
+    return {
+        "p50_ms": p50,
+        "added_ms": {
+            "serve_hop_to_the_model_replica": round(p50["model_deployment_handle"] - p50["engine_score"], 1),
+            "router_work_and_scoring_hop": round(p50["router_handle"] - p50["model_deployment_handle"], 1),
+            "http_proxy_and_app": round(p50["http_score"] - p50["router_handle"], 1),
+        },
+        "conversations": len(conversations),
+    }
