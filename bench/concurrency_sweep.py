@@ -235,12 +235,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_pipeline_json(path: Path, pp2: dict[str, Any]) -> None:
+def update_pipeline_json(path: Path, pp2: dict[str, Any], length_range: list[int], key_suffix: str = "") -> None:
     top = max(pp2["service"], key=lambda s: s["concurrency"])
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data["service_pp2_over_engine_pp2"] = top["over_engine_full_batches"]
-    data["service_pp2"] = {
+    data[f"service_pp2_over_engine_pp2{key_suffix}"] = top["over_engine_full_batches"]
+    data[f"service_pp2{key_suffix}"] = {
         "concurrency": top["concurrency"],
+        "prompt_length_range": length_range,
         "service_tokens_per_s": top["tokens_per_s"],
         "engine_full_batches_tokens_per_s": [p["tokens_per_s"] for p in pp2["engine_full_batches"]],
         "stage_busy_share": [s["busy_share"] for s in top["stage_busy"]],
@@ -266,6 +267,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "concurrency_sweep.json")
     p.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "concurrency_sweep.png")
     p.add_argument("--pipeline-json", type=Path, default=REPO / "bench" / "results" / "pipeline.json")
+    p.add_argument("--pipeline-key-suffix", default="",
+                   help="written as service_pp2_over_engine_pp2<suffix> and service_pp2<suffix> (another workload)")
     args = p.parse_args()
 
     import ray
@@ -305,7 +308,7 @@ def main() -> None:
     plot(results, args.plot)
     pp2 = next((r for r in results if r["pp"] == 2), None)
     if pp2 is not None:
-        update_pipeline_json(args.pipeline_json, pp2)
+        update_pipeline_json(args.pipeline_json, pp2, [args.min_tokens, args.max_tokens], args.pipeline_key_suffix)
     print(f"wrote {args.out}, {args.plot}" + (f", {args.pipeline_json}" if pp2 else ""))
 
 

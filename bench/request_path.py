@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 MODEL_WORKER_ROLE = "ModelWorker"
+MACHINE_CORES = tuple(sorted(os.sched_getaffinity(0)))  # read before any pinning: the driver is pinned too
 
 
 def split_cores(model_worker_cores: int, role_of) -> dict[str, Any]:
     """Pins this driver's process tree: `role_of(psutil.Process) -> str` names each process's role; the
-    `MODEL_WORKER_ROLE` ones get the last `model_worker_cores` cores of this process's affinity, all others
+    `MODEL_WORKER_ROLE` ones get the last `model_worker_cores` of the cores this process could use at import, all others
     the rest. Returns the split and how many processes and threads each side has."""
     import psutil
 
-    cores = sorted(os.sched_getaffinity(0))
+    cores = MACHINE_CORES
     if not 0 < model_worker_cores < len(cores):
         raise ValueError(f"--model-worker-cores {model_worker_cores}: this machine has {len(cores)} cores; "
                          f"the model workers need at least one and the rest of the service at least one")
