@@ -39,6 +39,9 @@ KEPT_CLASSES = ("ModelWorker", "ServeReplica:reward:RewardModelDeployment", "Ser
                 "ServeReplica:reward:ScoringDeployment")
 START_TIMEOUT_S = 120
 DEPLOY_TIMEOUT_S = 240
+# Serve's shutdown waits for each replica's graceful shutdown (the model deployment's is 60 s); inside the full
+# suite on the shared 2-core machine a `serve run` stop took over 90 s (2026-12-01), alone far less.
+STOP_TIMEOUT_S = 150
 
 
 def _free_ports(n: int) -> list[int]:
@@ -239,7 +242,7 @@ def test_serve_run_twice_in_a_fresh_home_with_token_auth(demo_checkpoint, tmp_pa
                 time.sleep(1)
             scores.append(_score(url)["score"])
             process.send_signal(signal.SIGINT)
-            process.wait(timeout=90)
+            process.wait(timeout=STOP_TIMEOUT_S)
         finally:
             for pid in _pids_in_session(process.pid):
                 try:
