@@ -47,6 +47,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def queue_behind_a_held_slot(batcher: TokenBatcher) -> tuple[FakeModel, asyncio.Future]:
+    """Holds the batcher's one slot with a blocked call, so the requests sent next queue; returns the blocker
+    (release it with `.release(0)`) and the held request's future."""
+    blocker = FakeModel()
+    batcher._model_call = blocker
+    held = asyncio.ensure_future(batcher.score(prompts(1, first=99)))
+    await settle()
+    return blocker, held
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=10))
 
@@ -111,10 +121,7 @@ def test_request_over_the_budget_stays_contiguous_and_in_order():
     async def main():
         model = FakeModel(auto=True)
         batcher = TokenBatcher(model, max_tokens_per_batch=20, max_batches_in_flight=1, max_queued_tokens=1000)
-        blocker = FakeModel()
-        batcher._model_call = blocker  # hold the one slot so both requests queue
-        held = asyncio.ensure_future(batcher.score(prompts(1, first=99)))
-        await settle()
+        blocker, held = await queue_behind_a_held_slot(batcher)
         big = asyncio.ensure_future(batcher.score(prompts(8, 8, 8, 8, 8)))
         small = asyncio.ensure_future(batcher.score(prompts(3, first=50)))
         await settle()
@@ -210,10 +217,7 @@ def test_extras_travel_with_their_prompts_across_batches():
     async def main():
         model = FakeModel(auto=True)
         batcher = TokenBatcher(model, max_tokens_per_batch=20, max_batches_in_flight=1, max_queued_tokens=1000)
-        blocker = FakeModel()
-        batcher._model_call = blocker  # hold the one slot so both requests queue
-        held = asyncio.ensure_future(batcher.score(prompts(1, first=99)))
-        await settle()
+        blocker, held = await queue_behind_a_held_slot(batcher)
         big = asyncio.ensure_future(batcher.score(prompts(8, 8, 8), extras=["a0", "a1", "a2"]))
         small = asyncio.ensure_future(batcher.score(prompts(3, first=50)))  # no extras: None each
         await settle()
