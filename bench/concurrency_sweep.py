@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.request_path import client_at_worker_niceness  # noqa: E402
 from bench.service_vs_engine import (  # noqa: E402
     DEFAULT_CHECKPOINT,
     LOCAL_YAML,
@@ -288,6 +289,7 @@ def main() -> None:
     info = machine_info()
     ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=8, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    info["niceness"] = client_at_worker_niceness()  # the HTTP client in this driver does not preempt the service
     results = []
     try:
         for name in args.topologies:

@@ -67,7 +67,7 @@ from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # 
 from deployments.schemas import Message  # noqa: E402
 from sharding.micro_batches import computed_tokens  # noqa: E402
 from sharding.checkpoints.nemo import NemoCheckpoint  # noqa: E402
-from bench.request_path import hop_latencies, split_cores  # noqa: E402
+from bench.request_path import client_at_worker_niceness, hop_latencies, split_cores  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
 CORPUS = REPO / "demo" / "corpus.txt"
@@ -580,6 +580,7 @@ def main() -> None:
     info = machine_info()
     ray.init(address="local", _temp_dir=RAY_TEMP_DIR, num_cpus=4, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
+    info["niceness"] = client_at_worker_niceness()
     batches = budget_batches(token_lists, config.router.max_tokens_per_batch)
     padded = sum(computed_tokens(b, config.parallel) for b in batches)
     engine_passes: list[dict[str, Any]] = []

@@ -53,27 +53,37 @@ class WeightedScorer:
     ) -> list[dict[str, Any]]:
         """One `{"score", "attributes"}` per row; `weights` overrides the defaults for this call and
         raises InvalidRequestError (param `weights`) when it has the wrong length."""
+        checked = None
         if weights is not None:
             try:
-                self._checked_weights(weights, "weights")
+                checked = self._checked_weights(weights, "weights")
             except ValueError as exc:
                 raise InvalidRequestError(str(exc), param="weights") from None
         array = self._checked_attributes(attributes)
-        scores = self.weigh(array, [weights] * array.shape[0])
+        scores = self._dot(array, np.broadcast_to(self.weights if checked is None else checked, array.shape))
         return scored_rows(self.attribute_names, array, scores, custom_weights=weights is not None)
 
     def weigh(self, attributes: Sequence[Sequence[float]] | np.ndarray,
               weights_per_row: Sequence[Sequence[float] | None]) -> np.ndarray:
         """float64 [N] scores of a whole model batch, each row with its own weights (None: the defaults). Never
         raises for one row's numbers (a non-finite attribute, a dot product that overflows): that row's score
-        is not finite and `scored_rows` turns it into that request's error, so batch mates are not failed."""
+        is not finite and `scored_rows` turns it into that request's error, so batch mates are not failed.
+        The rows of one request share one weights object, which is checked once."""
         array = self._checked_attributes(attributes)
         if len(weights_per_row) != array.shape[0]:
             raise ValueError(f"{len(weights_per_row)} weight rows for {array.shape[0]} attribute rows")
-        matrix = np.stack([self.weights if w is None else self._checked_weights(w, "weights")
-                           for w in weights_per_row]) if weights_per_row else np.zeros((0, self.num_attributes))
+        checked: dict[int, np.ndarray] = {}
+        for w in weights_per_row:
+            if w is not None and id(w) not in checked:
+                checked[id(w)] = self._checked_weights(w, "weights")
+        matrix = (np.stack([self.weights if w is None else checked[id(w)] for w in weights_per_row])
+                  if weights_per_row else np.zeros((0, self.num_attributes)))
+        return self._dot(array, matrix)
+
+    @staticmethod
+    def _dot(attributes: np.ndarray, weights: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
-            return np.einsum("na,na->n", array, matrix)
+            return np.einsum("na,na->n", attributes, weights)
 
     def _checked_attributes(self, attributes: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
         array = np.asarray(attributes, dtype=np.float64)

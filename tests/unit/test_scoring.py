@@ -44,6 +44,29 @@ def test_per_request_weights_wrong_length_is_a_400(scorer):
     assert "2" in info.value.message and "9" in info.value.message
 
 
+def test_weigh_gives_each_row_its_own_weights(scorer):
+    rng = np.random.default_rng(1)
+    attributes = rng.normal(size=(5, 9)).astype(np.float32)
+    shared = [0.0, 0, 0, 0, 1, 0, 0, 0, 0]  # one request's weights object, on two of its rows
+    own = [1.0] * 9
+    rows = [None, shared, own, shared, None]
+    out = scorer.weigh(attributes, rows)
+    a = attributes.astype(np.float64)
+    expected = [a[0] @ np.asarray(DEFAULT_WEIGHTS), a[1, 4], a[2].sum(), a[3, 4], a[4] @ np.asarray(DEFAULT_WEIGHTS)]
+    assert out.dtype == np.float64 and out.tolist() == pytest.approx(expected, abs=0, rel=1e-12)
+
+
+def test_weigh_refuses_bad_weights_and_leaves_overflow_to_the_request(scorer):
+    with pytest.raises(ValueError, match="2 values; the model has 9"):
+        scorer.weigh(np.zeros((2, 9)), [None, [1.0, 2.0]])
+    with pytest.raises(ValueError, match="1 weight rows for 2"):
+        scorer.weigh(np.zeros((2, 9)), [None])
+    huge = [1e308] * 9
+    out = scorer.weigh(np.full((2, 9), 10.0), [None, huge])  # row 1 overflows: not finite, not raised
+    assert np.isfinite(out[0]) and not np.isfinite(out[1])
+    assert scorer.weigh(np.zeros((0, 9)), []).shape == (0,)
+
+
 def test_bad_attribute_shape(scorer):
     with pytest.raises(ValueError, match=r"expected \[N, 9\]"):
         scorer.score(np.zeros((2, 5)))
