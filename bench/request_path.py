@@ -13,6 +13,10 @@
   is measuring whenever both want a core (a CFS weight of 1024 against 36). On a real deployment the clients
   are on other machines. The benchmarks therefore put the driver at the workers' niceness: client and
   service compete as equals. Ray's daemons (raylet, GCS) keep their niceness, as in production.
+* `paired_latency`: at concurrency 1, for each conversation, one `engine.score` call and one `POST /v1/score`
+  back to back (which goes first alternates), and the median over conversations of the ratio of the two:
+  "within 1.3x of one engine forward of the same prompt" measured prompt by prompt, so the machine's drift
+  between two blocks of measurements (minutes apart on a shared machine) does not enter the ratio.
 * `hop_latencies`: at concurrency 1, the p50 of each prefix of the request path on the same conversations:
   one `engine.score` call from the driver, one call through a handle to the model deployment (+ the Serve
   hop to the model replica), one `Router.score` handle call (+ validation, tokenizing, the batcher, the
@@ -85,6 +89,39 @@ def client_at_worker_niceness() -> dict[str, int]:
 
 def _p50_ms(times_s: list[float]) -> float:
     return round(1000 * statistics.median(times_s), 1)
+
+
+async def paired_latency(conversations: list[list[dict[str, str]]], token_lists: list[list[int]], engine: Any,
+                         base_url: str) -> dict[str, Any]:
+    """Per conversation, one engine forward and one HTTP request back to back (alternating which goes first);
+    p50 of each and the median of the per-conversation ratios (see the module docstring)."""
+    import httpx
+
+    engine_s, http_s, ratios = [], [], []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600.0) as client:
+        async def forward(ids) -> float:
+            start = time.perf_counter()
+            await engine.score([ids])
+            return time.perf_counter() - start
+
+        async def post(conversation) -> float:
+            start = time.perf_counter()
+            response = await client.post("/v1/score", json={"conversations": [{"messages": conversation}]})
+            response.raise_for_status()
+            return time.perf_counter() - start
+
+        for i, (conversation, ids) in enumerate(zip(conversations, token_lists)):
+            if i % 2:
+                e = await forward(ids)
+                h = await post(conversation)
+            else:
+                h = await post(conversation)
+                e = await forward(ids)
+            engine_s.append(e)
+            http_s.append(h)
+            ratios.append(h / e)
+    return {"engine_forward_p50_ms": _p50_ms(engine_s), "http_score_p50_ms": _p50_ms(http_s),
+            "http_over_engine_median": round(statistics.median(ratios), 3), "conversations": len(ratios)}
 
 
 async def hop_latencies(conversations: list[list[dict[str, str]]], token_lists: list[list[int]], engine: Any,

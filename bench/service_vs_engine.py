@@ -67,7 +67,7 @@ from deployments.prompt import SentencePieceTokenizer, tokenize_conversation  # 
 from deployments.schemas import Message  # noqa: E402
 from sharding.micro_batches import computed_tokens  # noqa: E402
 from sharding.checkpoints.nemo import NemoCheckpoint  # noqa: E402
-from bench.request_path import client_at_worker_niceness, hop_latencies, split_cores  # noqa: E402
+from bench.request_path import client_at_worker_niceness, hop_latencies, paired_latency, split_cores  # noqa: E402
 
 DEFAULT_CHECKPOINT = REPO / ".demo" / "nemotron4-tiny-reward"
 CORPUS = REPO / "demo" / "corpus.txt"
@@ -641,6 +641,8 @@ def main() -> None:
         print(f"engine: one forward per conversation, alone: p50 {single_forward_p50_ms} ms", flush=True)
         hops = asyncio.run(hop_latencies(conversations[:64], token_lists[:64], bench.engine, base_url))
         print(f"request path at c=1 (p50 ms, first 64 conversations): {json.dumps(hops)}", flush=True)
+        paired = asyncio.run(paired_latency(conversations[:64], token_lists[:64], bench.engine, base_url))
+        print(f"c=1, engine forward and HTTP request per conversation, back to back: {json.dumps(paired)}", flush=True)
         before = engine_pass("start")
         for c in args.concurrency:
             pin()
@@ -703,6 +705,10 @@ def main() -> None:
         "latency_c1_target": LATENCY_C1_TARGET,
         "latency_method": ("p50 of the HTTP request latency at concurrency 1 over the p50 of one engine.score call "
                            "per conversation (the same conversations, alone, from this driver)"),
+        "latency_c1_paired": paired,
+        "latency_c1_paired_method": ("per conversation (the first 64), one engine.score call and one POST /v1/score "
+                                     "back to back, alternating which goes first; median of the per-conversation "
+                                     "ratios (no drift between two blocks of measurements)"),
         "request_path_c1": hops,
         "model_worker_cores": core_split,
         "engine": {
