@@ -5,7 +5,9 @@ on (the stages overlap) and off (one micro-batch: stage 2 waits for stage 1).
 
 Runs the real MegatronEngine (Ray worker actors, gloo, CPU) on the demo model, one Ray node, placement
 strategy PACK (a single node cannot STRICT_SPREAD). Every worker gets `--threads` torch threads so the runs
-differ only in how the work is split. Writes bench/results/pipeline.json (`pipelined_over_unpipelined`).
+differ only in how the work is split. Writes its keys into bench/results/pipeline.json
+(`pipelined_over_unpipelined`, ...), keeping the keys other benchmarks write there (`concurrency_sweep.py`:
+`service_pp2*`).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def main() -> None:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    args.out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
     print(f"pipelined_over_unpipelined = {on / off:.2f}   pipelined_over_tp1pp1 = {on / single:.2f}   -> {args.out}")
 
 
