@@ -5,7 +5,8 @@ workers) and scoring (weights, live-reconfigurable through user_config).
     serve run serve_app:build_app checkpoint_path=/path/to/extracted.nemo   # defaults for everything else
 
 `build_app(args)` validates `args` as `configs.ServiceConfig` and checks it against the checkpoint's
-architecture before anything is deployed, so a bad config fails at load with the numbers in the message.
+architecture before anything is deployed, so a bad config fails at load with the numbers in the message
+(a simulated accelerator's memory included: weights per GPU at that TP x PP against the card's HBM).
 It also refuses, before anything is deployed, every checkpoint the replicas would later refuse: a tokenizer
 the prompt format cannot use, weights missing or not shaped as the architecture says, missing files. Serve
 retries a replica whose constructor raises forever (requests would wait on it with no answer); a failed
@@ -34,7 +35,8 @@ def build_app(args: dict[str, Any]) -> Application:
     config = config.with_output_names(output_names(checkpoint))
     config.check_against(checkpoint.arch)
     prompt_format_for(checkpoint)  # the Router builds the same prompt format; a bad tokenizer fails here
-    check_weights_fit(checkpoint, checkpoint.arch)  # what every worker checks before loading
+    if not config.simulated:  # a simulated device reads only the architecture and the tokenizer
+        check_weights_fit(checkpoint, checkpoint.arch)  # what every worker checks before loading
     plan = placement_for(config)
     config_json = config.model_dump(mode="json")
     model = RewardModelDeployment.options(

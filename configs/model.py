@@ -59,6 +59,41 @@ class ModelArchConfig(StrictModel):
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    @property
+    def layer_matrix_parameters(self) -> int:
+        """Weight-matrix parameters of one decoder layer: QKV, output projection, MLP (what its GEMMs read)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        fc1_rows = 2 * f if self.activation == "swiglu" else f
+        return h * (q + 2 * kv) + q * h + h * fc1_rows + f * h
+
+    @property
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer: its matrices, two norms (and biases)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * d, self.num_query_groups * d
+        fc1_rows = 2 * f if self.activation == "swiglu" else f
+        weights = self.layer_matrix_parameters
+        norms = 2 * h * (1 if self.normalization == "rmsnorm" else 2)
+        biases = (q + 2 * kv) + h + fc1_rows + h if self.bias else 0
+        return weights + norms + biases
+
+    def stage_parameters(self, pipeline_parallel_size: int, stage: int) -> int:
+        """Parameters a pipeline stage holds: its layers, the embedding on the first, the final norm and the
+        reward head on the last (the LM output layer is never built)."""
+        params = self.num_layers // pipeline_parallel_size * self.layer_parameters
+        if stage == 0:
+            params += self.padded_vocab_size * self.hidden_size
+        if stage == pipeline_parallel_size - 1:
+            params += self.hidden_size * (1 if self.normalization == "rmsnorm" else 2)
+            params += self.num_attributes * (self.hidden_size + int(self.rm_head_bias))
+        return params
+
+    def max_parameters_per_gpu(self, tensor_parallel_size: int, pipeline_parallel_size: int) -> int:
+        """The largest share of parameters one GPU holds at TP x PP (tensor-parallel slices of its stage)."""
+        return max(self.stage_parameters(pipeline_parallel_size, s) for s in range(pipeline_parallel_size)
+                   ) // tensor_parallel_size
+
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelArchConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from configs.accelerators import ACCELERATORS
 from configs.base import StrictModel
 from configs.model import ModelArchConfig
 
@@ -68,8 +69,23 @@ class ParallelConfig(StrictModel):
                 raise ValueError(f"{name} {value} is not divisible by {by_name} {by}")
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SimulatedAccelerator = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
+
+
 class RuntimeConfig(StrictModel):
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the workers compute.")
+    device: Literal["cpu", "cuda", "simulated"] = Field(
+        default="cpu",
+        description="Where the workers compute. `simulated`: a measuring tool, never a default: no weights are "
+                    "loaded and no model is built; each pipeline stage waits the time the cost model "
+                    "(sharding/cost_model.py) gives its micro-batch on `simulated_accelerator` and returns "
+                    "pseudo-rewards drawn from each sequence's token ids. Every answer says so.",
+    )
+    simulated_accelerator: SimulatedAccelerator | None = Field(
+        default=None,
+        description="With device `simulated`: the card whose published numbers (configs/accelerators.py) the cost "
+                    "model uses.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Parameter and activation dtype; the reward head is always float32."
     )
@@ -100,6 +116,18 @@ class RuntimeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_device(self) -> RuntimeConfig:
+        if self.device == "simulated":
+            if self.simulated_accelerator is None:
+                raise ValueError(f"device simulated needs simulated_accelerator, one of {sorted(ACCELERATORS)}")
+            if self.backend != "gloo":
+                raise ValueError("device simulated sends its stand-in activations with gloo; set backend gloo")
+            if self.dtype == "float32":
+                raise ValueError("device simulated models bfloat16 or float16 compute (the table's dense BF16 "
+                                 "FLOP/s); set dtype bfloat16")
+            return self
+        if self.simulated_accelerator is not None:
+            raise ValueError(f"simulated_accelerator is set but device is {self.device}; set device simulated "
+                             "to simulate, or remove simulated_accelerator")
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("backend nccl needs device cuda; use gloo on cpu")
         if self.device == "cpu" and self.dtype != "float32":
@@ -245,9 +273,29 @@ class ServiceConfig(StrictModel):
                 )
         return ServiceConfig.model_validate({**self.model_dump(), "scoring": scoring})
 
+    @property
+    def simulated(self) -> bool:
+        return self.runtime.device == "simulated"
+
+    @property
+    def device_label(self) -> str:
+        """What computes the scores, as every answer reports it: `cpu`, `cuda`, or `simulated:<card>`."""
+        if self.simulated:
+            return f"simulated:{self.runtime.simulated_accelerator}"
+        return self.runtime.device
+
     def check_against(self, arch: ModelArchConfig) -> None:
         """Cross-checks against the checkpoint's architecture; raises ValueError naming the numbers."""
         self.parallel.check_against(arch)
+        if self.simulated:
+            card = ACCELERATORS[self.runtime.simulated_accelerator]
+            tp, pp = self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size
+            weights_gb = arch.max_parameters_per_gpu(tp, pp) * DTYPE_BYTES[self.runtime.dtype] / 1e9
+            if weights_gb > card.hbm_gb:
+                raise ValueError(
+                    f"{weights_gb:.1f} GB of weights per GPU at TP {tp} x PP {pp}; one {card.name} has "
+                    f"{card.hbm_gb:.0f} GB of memory"
+                )
         n = len(self.scoring.attribute_names)
         if n != arch.num_attributes:
             raise ValueError(f"scoring.attribute_names has {n} names; the reward head has {arch.num_attributes}")

@@ -34,6 +34,17 @@ DEMO_SHAPE = {
     "num_attention_heads": 8,
     "num_query_groups": 2,
 }
+# Nemotron-4-340B's shape (its released model_config.yaml), for the simulated accelerator: written with
+# `--shape nemotron4-340b --no-weights` it is an architecture and the demo tokenizer, no weights.
+NEMOTRON4_340B_SHAPE = {
+    "num_layers": 96,
+    "hidden_size": 18432,
+    "ffn_hidden_size": 73728,
+    "num_attention_heads": 96,
+    "num_query_groups": 8,
+    "padded_vocab_size": 256000,
+}
+SHAPES = {"tiny": DEMO_SHAPE, "nemotron4-340b": NEMOTRON4_340B_SHAPE}
 
 
 def demo_model_config(tokenizer_file: str, shape: dict[str, int]) -> dict:
@@ -87,8 +98,9 @@ def _randomize(model: torch.nn.Module, seed: int, hidden_size: int) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def write_demo_model(out: Path, seed: int = 0, shape: dict[str, int] | None = None) -> Path:
-    """Writes the demo checkpoint to `out` (replacing it) and returns `out`. Needs no process group."""
+def write_demo_model(out: Path, seed: int = 0, shape: dict[str, int] | None = None, weights: bool = True) -> Path:
+    """Writes the demo checkpoint to `out` (replacing it) and returns `out`. Needs no process group.
+    `weights=False` writes only `model_config.yaml` and the tokenizer (what a simulated device reads)."""
     shape = shape or DEMO_SHAPE
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "model"
@@ -99,15 +111,16 @@ def write_demo_model(out: Path, seed: int = 0, shape: dict[str, int] | None = No
         shutil.copy(tok, staging / tokenizer_file)
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(demo_model_config(tokenizer_file, shape), sort_keys=False))
         arch: ModelArchConfig = NemoCheckpoint.open(staging).arch
-        runtime = RuntimeConfig()
-        init_model_parallel(runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
-                            tp=1, pp=1)
-        try:
-            model = build_stage_model(arch, runtime, tp=1, pp=1, pp_rank=0)
-            _randomize(model, seed, arch.hidden_size)
-            save_weights(model, staging / WEIGHTS_DIR)
-        finally:
-            destroy_model_parallel()
+        if weights:
+            runtime = RuntimeConfig()
+            init_model_parallel(runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                                tp=1, pp=1)
+            try:
+                model = build_stage_model(arch, runtime, tp=1, pp=1, pp_rank=0)
+                _randomize(model, seed, arch.hidden_size)
+                save_weights(model, staging / WEIGHTS_DIR)
+            finally:
+                destroy_model_parallel()
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +133,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".demo/nemotron4-tiny-reward"), help="Output directory.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for tokenizer training and weights.")
     parser.add_argument("--if-missing", action="store_true", help="Do nothing when --out already holds a model.")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="Architecture: the tiny demo model, or Nemotron-4-340B's (only with --no-weights).")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="Write model_config.yaml and the tokenizer only (for runtime.device: simulated).")
     args = parser.parse_args()
-    if args.if_missing and (args.out / CONFIG_FILE).is_file() and (args.out / WEIGHTS_DIR).is_dir():
+    if args.shape != "tiny" and not args.no_weights:
+        parser.error(f"--shape {args.shape} is written with --no-weights (random weights of that size would not fit)")
+    has_weights = (args.out / WEIGHTS_DIR).is_dir() or args.no_weights
+    if args.if_missing and (args.out / CONFIG_FILE).is_file() and has_weights:
         print(f"demo model already at {args.out}")
         return
-    write_demo_model(args.out, seed=args.seed)
-    print(f"demo model written to {args.out}")
+    write_demo_model(args.out, seed=args.seed, shape=SHAPES[args.shape], weights=not args.no_weights)
+    print(f"demo {'architecture' if args.no_weights else 'model'} written to {args.out}")
 

@@ -31,6 +31,7 @@ from deployments.schemas import invalid_request_from_errors
 
 logger = logging.getLogger("ray.serve")
 
+DEVICE_HEADER = b"x-reward-device"  # on every answer: cpu, cuda, or simulated:<card>
 SCORING_PATHS = frozenset({"/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling"})
 
 app = FastAPI(title="Reward scoring service")
@@ -76,6 +77,9 @@ class RequestGate:
             return
         request = Request(scope)
         state = request.app.state
+        device = getattr(state, "device_label", None)
+        if device is not None:
+            send = _with_header(send, DEVICE_HEADER, device.encode())
         if getattr(state, "draining", False):
             await error_response_for(ServiceUnavailableError("the service is shutting down"), request)(
                 scope, receive, send)
@@ -121,6 +125,15 @@ class RequestGate:
             logger.info("request %s rejected: %s", request_id, error.message)
             return error_response_for(error, request)
         return None
+
+
+def _with_header(send: Send, name: bytes, value: bytes) -> Send:
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return send_with_header
 
 
 # Outermost (added last): the gate, then the body limit, so a keyless request gets 401 before its body is read.

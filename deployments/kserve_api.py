@@ -205,12 +205,15 @@ def encode_infer_response(
     return b"".join([header, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def model_metadata(model_name: str, num_attributes: int) -> dict[str, Any]:
+def model_metadata(model_name: str, num_attributes: int, device: str) -> dict[str, Any]:
+    """`GET /v2/models/{name}`; `device` says what computes the scores (`simulated:<card>` on a simulated
+    accelerator)."""
     outputs = {"rewards": ("FP32", [-1, num_attributes]), "exceeded": ("INT32", [-1, 1])}
     return {
         "name": model_name,
         "versions": [MODEL_VERSION],
         "platform": PLATFORM,
+        "device": device,
         "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in outputs.items()],
     }

@@ -77,7 +77,7 @@ class KServeRoutes:
 
     async def _kserve_model_metadata(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_kserve_model(model_name, model_version)  # errors: the ServiceError handler, KServe shape
-        return model_metadata(model_name, len(self._cfg.scoring.attribute_names))
+        return model_metadata(model_name, len(self._cfg.scoring.attribute_names), self._cfg.device_label)
 
     async def _kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         self._check_kserve_model(model_name, model_version)

@@ -12,6 +12,8 @@
   was computed once, per model batch (0 with the padded layout).
 * `reward_batch_latency_seconds`: wall time of one model call, seen from the router.
 * `reward_batches_in_flight`: model batches sent and not yet answered.
+* `reward_engine_info{device}`: 1, with what computes the scores: `cpu`, `cuda`, or `simulated:<card>` (a
+  simulated accelerator: no model computes, rewards are pseudo-random; its timings are a cost model's).
 
 Computed tokens are counted here from the batch's token lists with the engine's own layout function
 (`sharding.micro_batches.computed_tokens` for `parallel.batch_layout` and `max_tokens_per_micro_batch`), so
@@ -49,8 +51,12 @@ def batch_shares(token_lists: Sequence[Sequence[int]], parallel: ParallelConfig)
 class RouterMetrics:
     """The router's metric objects; create one per replica (inside Ray)."""
 
-    def __init__(self, parallel: ParallelConfig):
+    def __init__(self, parallel: ParallelConfig, device: str | None = None):
         self._parallel = parallel
+        if device is not None:
+            info = Gauge("reward_engine_info", description="1, tagged with what computes the scores "
+                         "(cpu, cuda, or simulated:<card>).", tag_keys=("device",))
+            info.set(1, tags={"device": device})
         self._requests = Counter(
             "reward_requests", description="HTTP requests by route and status code.", tag_keys=("route", "status")
         )

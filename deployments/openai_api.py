@@ -91,6 +91,8 @@ def chat_completion_body(
     }
 
 
-def models_body(model: str) -> dict[str, Any]:
-    """`GET /v1/models`: the one served model."""
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
+def models_body(model: str, device: str) -> dict[str, Any]:
+    """`GET /v1/models`: the one served model, with what computes its scores (`device`: cpu, cuda, or
+    `simulated:<card>` on a simulated accelerator)."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": OWNED_BY,
+                                        "device": device}]}

@@ -82,13 +82,14 @@ class Router(KServeRoutes, RLHFRoutes):
         self._model = model_handle
         self._readiness = ModelReadiness(model_handle)
         self._scoring = scoring_handle
-        self._metrics = RouterMetrics(self._cfg.parallel)
+        self._metrics = RouterMetrics(self._cfg.parallel, device=self._cfg.device_label)
         self._limits = self._cfg.router
         self._tokenizer_pool = ThreadPoolExecutor(self._limits.tokenizer_threads, thread_name_prefix="tokenize")
         app.state.max_request_bytes = self._limits.max_request_bytes
         # Read once here; the HTTP middleware checks scoring routes against it and counts requests.
         app.state.api_key_check = ApiKeyCheck(load_api_key(self._cfg.auth))
         app.state.metrics = self._metrics
+        app.state.device_label = self._cfg.device_label  # every HTTP answer carries it (X-Reward-Device)
         # One pull-based queue per replica (deployments.batcher): a batch leaves when a slot is free.
         self._batcher = TokenBatcher(
             self._run_model_batch,
@@ -195,7 +196,7 @@ class Router(KServeRoutes, RLHFRoutes):
         # computed_tokens: the request's prompts as one token forest (sharding/forest.py, numpy only).
         usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts),
                       computed_tokens=unique_tokens([prompt.token_ids for prompt in prompts]))
-        return ScoreResponse(model=self._cfg.model_name, results=results, usage=usage)
+        return ScoreResponse(model=self._cfg.model_name, device=self._cfg.device_label, results=results, usage=usage)
 
     async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:
         """Handle entry point: same validation and typed errors as `POST /v1/score`; returns its JSON."""
@@ -237,7 +238,7 @@ class Router(KServeRoutes, RLHFRoutes):
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return models_body(self._cfg.model_name)
+        return models_body(self._cfg.model_name, self._cfg.device_label)
 
     # --- KServe v2 / Triton: the routes; their work is `deployments.kserve_routes` -------------------------
 

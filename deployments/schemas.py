@@ -230,6 +230,9 @@ class Usage(StrictBody):
 
 class ScoreResponse(StrictBody):
     model: str = Field(description="Name of the served model.")
+    device: str = Field(
+        description="What computed the scores: `cpu`, `cuda`, or `simulated:<card>` (a simulated accelerator: no "
+        "model ran, the rewards are pseudo-random numbers drawn from each prompt's token ids).")
     results: list[ScoreResult] = Field(
         description="One result per conversation (or per response of a best-of-N request), in request order.")
     usage: Usage = Field(description="Token accounting.")

@@ -9,10 +9,17 @@ default, 20 s, unless the config overrides it); only then does it shut Serve and
 itself kills Serve's HTTP proxy at once on Ctrl-C, which cuts requests in flight, and dies on SIGTERM.
 
     python scripts/serve_local.py configs/local.yaml
+    python scripts/serve_local.py configs/simulated_340b.yaml --simulated-nodes 2 --gpus-per-node 8
+
+`--simulated-nodes N` starts N Ray nodes on this machine (`ray.cluster_utils.Cluster`) with `--gpus-per-node`
+logical GPUs each instead of one plain local instance: the shape of a multi-node GPU cluster for configs on
+a simulated accelerator (`runtime.device: simulated`), whose placement groups spread stages over nodes.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import sys
 import threading
@@ -34,12 +41,25 @@ def router_drain_timeout_s(app) -> float:
     return SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, simulated_nodes: int = 0, gpus_per_node: int = 0, cpus_per_node: int = 16) -> int:
     config = ServeDeploySchema.model_validate(yaml.safe_load(Path(config_path).read_text()))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    ray.init(address="local", namespace="serve")
+    cluster = None
+    if simulated_nodes:
+        from ray.cluster_utils import Cluster
+
+        repo = str(Path(__file__).resolve().parents[1])
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        node = {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node}
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        for _ in range(simulated_nodes - 1):
+            cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="serve")
+    else:
+        ray.init(address="local", namespace="serve")
     serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump())
     # What `serve run CONFIG` does: the controller builds each app from its import path and args and applies
     # the config's deployment overrides (user_config included).
@@ -53,6 +73,8 @@ def main(config_path: str) -> int:
                 print(f"app {name} failed to deploy:\n{message}", file=sys.stderr, flush=True)
             serve.shutdown()
             ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
             return 1
     print("stopping: draining the requests in flight", flush=True)
     for app in config.applications:
@@ -64,8 +86,17 @@ def main(config_path: str) -> int:
             print(f"app {app.name}: not drained ({type(exc).__name__}: {exc})", flush=True)
     serve.shutdown()
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="A Serve config file.")
+    parser.add_argument("--simulated-nodes", type=int, default=0,
+                        help="Start this many Ray nodes on this machine (0: one plain local instance).")
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="Logical GPUs per simulated node.")
+    parser.add_argument("--cpus-per-node", type=int, default=16, help="Logical CPUs per simulated node.")
+    args = parser.parse_args()
+    sys.exit(main(args.config, args.simulated_nodes, args.gpus_per_node, args.cpus_per_node))

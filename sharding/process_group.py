@@ -22,10 +22,10 @@ def free_port() -> int:
 
 def init_model_parallel(runtime: RuntimeConfig, rank: int, world_size: int, master_addr: str, master_port: int,
                         tp: int, pp: int, local_rank: int = 0) -> None:
-    if runtime.device == "cpu":
-        cpu_compat.install()
-    else:
+    if runtime.device == "cuda":
         torch.cuda.set_device(local_rank)
+    elif runtime.device == "cpu" or not torch.cuda.is_available():
+        cpu_compat.install()  # simulated: nothing computes, the gloo process groups are real (any host)
     if runtime.torch_threads_per_worker:
         torch.set_num_threads(runtime.torch_threads_per_worker)
     os.environ["MASTER_ADDR"] = master_addr

@@ -9,6 +9,10 @@ stage posts their receives only when it starts that call, i.e. after finishing t
 for the previous call's sends at its end instead. So a stage runs up to one call ahead of the next stage
 rather than in lock step with it (one more call's activations held; 604 MB at 16k tokens of the 340B in
 bf16). Only the last stage's TP rank 0 returns rewards.
+
+With `runtime.device: simulated` the stage is a `sharding.simulated.SimulatedStage` instead of the model:
+no weights are read and nothing is computed; the same loop, receives and sends carry its small stand-in
+activations, and it waits the cost model's time per micro-batch.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class ModelWorker:
         self.parallel = parallel
         self.runtime = runtime
         self.checkpoint_path = checkpoint_path
-        self.model = None
+        self.stage = None  # ModelStage, or SimulatedStage with runtime.device simulated
         self._previous_sends: list = []  # (tensor, request) of the last call: its tensors stay referenced
 
     def node_info(self) -> tuple[str, str, list[str], str | None]:
@@ -64,12 +68,18 @@ class ModelWorker:
                             tp=tp, pp=pp, local_rank=local_rank)
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank)
-        load_checkpoint_into(open_checkpoint(self.checkpoint_path), self.model)
+        if self.runtime.device == "simulated":
+            from sharding.simulated import SimulatedStage
+
+            self.stage = SimulatedStage(self.arch, self.parallel, self.runtime, self.pp_rank)
+        else:
+            model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank)
+            load_checkpoint_into(open_checkpoint(self.checkpoint_path), model)
+            self.stage = ModelStage(model, self.arch, self.runtime)
         return self.rank
 
     def ping(self) -> int:
-        if self.model is None:
+        if self.stage is None:
             raise RuntimeError(f"rank {self.rank} is not set up")
         return self.rank
 
@@ -79,25 +89,19 @@ class ModelWorker:
         import torch
         from megatron.core import parallel_state
 
-        from sharding.model import DTYPES, micro_batch_inputs, micro_batch_shape
         from sharding.p2p import ActivationReceiver, send_activation
 
-        device = torch.device("cuda", torch.cuda.current_device()) if self.runtime.device == "cuda" else torch.device("cpu")
+        stage = self.stage
         first = parallel_state.is_pipeline_first_stage()
         last = parallel_state.is_pipeline_last_stage()
-        dtype = DTYPES[self.runtime.dtype]
         sg = self.parallel.scatter_gather_activations
         outputs: list[torch.Tensor] = []
         sends = []
-        shapes = [(*micro_batch_shape(mb), self.arch.hidden_size) for mb in micro_batches]
-        receiver = None if first else ActivationReceiver(shapes, dtype, device, sg)
+        shapes = [stage.activation_shape(mb) for mb in micro_batches]
+        receiver = None if first else ActivationReceiver(shapes, stage.activation_dtype, stage.device, sg)
         with torch.no_grad():
             for micro_batch in micro_batches:
-                ids, kwargs = micro_batch_inputs(micro_batch, self.runtime, device, first)
-                if not first:
-                    hidden = receiver.next()
-                    self.model.set_input_tensor(hidden)
-                out = self.model(ids, **kwargs)
+                out = stage.run(micro_batch, None if first else receiver.next())
                 if not last:
                     sends.append(send_activation(out, sg))  # the tensor stays referenced until the send completes
                 elif self.tp_rank == 0:
@@ -108,3 +112,43 @@ class ModelWorker:
         if last and self.tp_rank == 0:
             return torch.cat(outputs).float().cpu().numpy()
         return None
+
+    def simulated_stats(self, reset: bool = False) -> dict[str, float]:
+        """A simulated stage's modelled busy seconds, micro-batches and wall seconds (then zeroed if `reset`)."""
+        if self.runtime.device != "simulated":
+            raise RuntimeError(f"rank {self.rank} runs on {self.runtime.device}, not a simulated device")
+        stats = {**self.stage.stats(), "rank": self.rank, "pipeline_rank": self.pp_rank}
+        if reset:
+            self.stage.reset_stats()
+        return stats
+
+
+class ModelStage:
+    """One rank's stage of the real model: the activation it receives and sends is [seq, batch, hidden]."""
+
+    def __init__(self, model, arch: ModelArchConfig, runtime: RuntimeConfig):
+        import torch
+
+        from sharding.model import DTYPES
+
+        self.model = model
+        self.arch = arch
+        self.runtime = runtime
+        self.first = model.pre_process
+        self.activation_dtype = DTYPES[runtime.dtype]
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if runtime.device == "cuda"
+                       else torch.device("cpu"))
+
+    def activation_shape(self, micro_batch) -> tuple[int, int, int]:
+        from sharding.model import micro_batch_shape
+
+        return (*micro_batch_shape(micro_batch), self.arch.hidden_size)
+
+    def run(self, micro_batch, hidden):
+        """The stage's forward of one micro-batch: hidden states [S, B, H], or rewards on the last stage."""
+        from sharding.model import micro_batch_inputs
+
+        ids, kwargs = micro_batch_inputs(micro_batch, self.runtime, self.device, self.first)
+        if hidden is not None:
+            self.model.set_input_tensor(hidden)
+        return self.model(ids, **kwargs)

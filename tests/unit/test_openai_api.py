@@ -29,7 +29,8 @@ def test_content_floats_parse_back_exactly():
 
 
 def test_models_body():
-    assert models_body("m")["data"][0]["id"] == "m"
+    assert models_body("m", "cpu")["data"][0]["id"] == "m"
+    assert models_body("m", "simulated:h200")["data"][0]["device"] == "simulated:h200"
 
 
 @pytest.mark.parametrize("payload, param", [

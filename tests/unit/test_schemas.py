@@ -84,6 +84,7 @@ def test_format_loc():
 def test_response_model_round_trip():
     payload = {
         "model": "m",
+        "device": "cpu",
         "results": [{"index": 0, "score": 1.5, "attributes": {"helpfulness": 2.0}, "num_tokens": 12,
                      "truncated": False}],
         "usage": {"prompt_tokens": 12, "computed_tokens": 12},
