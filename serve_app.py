@@ -18,15 +18,19 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from configs.service import ServiceConfig
+from configs.service import ModelReplicasConfig, RouterConfig, ServiceConfig
 from deployments.chat_template import prompt_format_for
+from deployments.model_routing import HealthyReplicasFirst
 from deployments.reward_model import RewardModelDeployment
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
 from sharding.checkpoints.check import check_weights_fit
 from sharding.checkpoints.formats import open_checkpoint, output_names
 from sharding.placement import placement_for
+
+ROUTER_TARGET_ONGOING_REQUESTS = 64  # HTTP or handle requests per router replica that autoscaling aims at
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -43,6 +47,24 @@ def build_app(args: dict[str, Any]) -> Application:
         placement_group_bundles=plan.bundles,
         placement_group_strategy=plan.strategy,
         ray_actor_options={"num_cpus": config.runtime.replica_cpus},
+        max_ongoing_requests=config.model_max_ongoing_requests,
+        request_router_config=RequestRouterConfig(request_router_class=HealthyReplicasFirst),
+        **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
-    return Router.options(num_replicas=config.router.num_replicas).bind(model, scoring, config_json)
+    return Router.options(**replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS)).bind(
+        model, scoring, config_json)
+
+
+def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) -> dict[str, Any]:
+    """`num_replicas`, or Serve's `autoscaling_config` (toward `target` ongoing requests per replica unless the
+    section sets its own)."""
+    scaling = section.autoscaling
+    if scaling is None:
+        return {"num_replicas": section.num_replicas}
+    return {"autoscaling_config": {
+        "min_replicas": scaling.min_replicas, "initial_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests or target,
+        "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+    }}

@@ -137,6 +137,51 @@ class RuntimeConfig(StrictModel):
         return self
 
 
+class AutoscalingConfig(StrictModel):
+    """Serve autoscaling of one deployment: replicas between the bounds, scaled toward a load per replica."""
+
+    min_replicas: int = Field(ge=1, description="Fewest replicas kept running.")
+    max_replicas: int = Field(ge=1, description="Most replicas started (each model replica needs its own nodes).")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0,
+        description="Ongoing requests per replica Serve scales toward. Null: derived (the model: the batches one "
+                    "replica holds in flight from all routers; a router: 64 HTTP or handle requests).",
+    )
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="Load above target this long adds replicas.")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="Load below target this long removes replicas.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
+def _one_of_replicas_or_autoscaling(section: StrictModel, name: str) -> None:
+    if section.autoscaling is not None and "num_replicas" in section.model_fields_set:
+        raise ValueError(f"set {name}.num_replicas or {name}.autoscaling, not both")
+
+
+class ModelReplicasConfig(StrictModel):
+    num_replicas: int = Field(
+        default=1, ge=1,
+        description="Model replicas; each holds a placement group of its own (two 8-GPU nodes at TP 8 x PP 2) and "
+                    "a whole copy of the weights. Routers spread batches over the healthy ones.",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Scale the model replicas with load instead of a fixed `num_replicas`."
+    )
+
+    @model_validator(mode="after")
+    def _check_one(self) -> ModelReplicasConfig:
+        _one_of_replicas_or_autoscaling(self, "model")
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
+
 class RouterConfig(StrictModel):
     max_tokens_per_batch: int = Field(default=16384, gt=0, description="Token budget of one model batch.")
     max_conversations_per_request: int = Field(default=256, gt=0, description="Conversations per request.")
@@ -145,13 +190,17 @@ class RouterConfig(StrictModel):
     )
     max_batches_in_flight: int | None = Field(
         default=None, ge=1,
-        description="Model batches one router replica keeps sent and unanswered; the next batch is formed when "
-                    "fewer are in flight. Null: pipeline_parallel_size + 1 (every stage busy, one batch waiting).",
+        description="Model batches one router replica keeps sent and unanswered per running model replica; the "
+                    "next batch is formed when fewer are in flight. Null: pipeline_parallel_size + 1 (every stage "
+                    "busy, one batch waiting).",
     )
     num_replicas: int = Field(
         default=1, ge=1,
         description="Router replicas (Serve spreads requests over them); each keeps its own batch queue and its own "
-                    "batches in flight to the one model replica.",
+                    "batches in flight to the model replicas.",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="Scale the router replicas with load instead of a fixed `num_replicas`."
     )
     max_queued_tokens: int = Field(
         default=262144, gt=0,
@@ -180,8 +229,13 @@ class RouterConfig(StrictModel):
         default=2, ge=1, description="Threads of the router's tokenization pool (the event loop never tokenizes)."
     )
 
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
     @model_validator(mode="after")
     def _check_queue(self) -> RouterConfig:
+        _one_of_replicas_or_autoscaling(self, "router")
         if self.max_queued_tokens < self.max_tokens_per_batch:
             raise ValueError(
                 f"max_queued_tokens {self.max_queued_tokens} is below max_tokens_per_batch {self.max_tokens_per_batch}"
@@ -239,6 +293,9 @@ class ServiceConfig(StrictModel):
     model_name: str = Field(default="reward_model", description="Name reported in responses.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model parallelism.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, dtype, backend.")
+    model: ModelReplicasConfig = Field(
+        default_factory=ModelReplicasConfig, description="How many model replicas, or their autoscaling."
+    )
     router: RouterConfig = Field(default_factory=RouterConfig, description="Batching and limits.")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Reward weights.")
     auth: AuthConfig = Field(
@@ -313,8 +370,14 @@ class ServiceConfig(StrictModel):
 
     @property
     def max_batches_in_flight(self) -> int:
-        """`router.max_batches_in_flight`, defaulting to the pipeline depth + 1."""
+        """Batches one router keeps in flight per running model replica: `router.max_batches_in_flight`,
+        defaulting to the pipeline depth + 1."""
         return self.router.max_batches_in_flight or self.parallel.pipeline_parallel_size + 1
+
+    @property
+    def model_max_ongoing_requests(self) -> int:
+        """Serve's `max_ongoing_requests` of a model replica: what every router may keep in flight on it."""
+        return self.router.max_replicas * self.max_batches_in_flight
 
     def max_input_tokens(self, arch: ModelArchConfig) -> int:
         limit = self.router.max_input_tokens or arch.max_position_embeddings

@@ -16,6 +16,10 @@ at least one prompt). So:
   queue is always accepted, so a request larger than the bound (up to `max_conversations_per_request` x
   the input limit) is still served when the router is otherwise idle.
 
+A batch's model call runs in a context of its own, not the one of the request whose arrival dispatched it,
+so a client that leaves cancels its own wait (and its prompts still queued), never a batch other requests
+ride in.
+
 Each prompt may carry an opaque `extra` (the router passes the prompt's scoring weights): the model call gets
 the batch's token lists and their extras, in the same order.
 
@@ -26,6 +30,7 @@ Retry-After is the time the queue ahead would take to drain at the throughput me
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections import deque
@@ -91,6 +96,15 @@ class TokenBatcher:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def max_batches_in_flight(self) -> int:
+        return self._max_batches_in_flight
+
+    def set_max_batches_in_flight(self, count: int) -> None:
+        """Changes the cap (model replicas came or went); a raised cap dispatches what is queued at once."""
+        self._max_batches_in_flight = max(1, count)
+        self._dispatch()
+
     async def score(self, token_lists: Sequence[list[int]], extras: Sequence[Any] | None = None) -> np.ndarray:
         if not token_lists:
             raise ValueError("no prompts to score")
@@ -132,7 +146,11 @@ class TokenBatcher:
                 tokens += len(prompt.token_ids)
             self._queued_tokens -= tokens
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch, tokens))
+            # A fresh context: the batch belongs to no one request. A task copies the context of whoever
+            # dispatched it, and Serve keeps the request context in a contextvar: a model call made in request
+            # A's context is a child of A, and Serve cancels it when A's client leaves, failing every other
+            # request of the batch with CancelledError.
+            task = asyncio.get_running_loop().create_task(self._run(batch, tokens), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

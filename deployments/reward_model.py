@@ -32,13 +32,28 @@ class RewardModelDeployment:
         self.engine = engine_factory(self.config)
 
     async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Rewards float32 [B, num_attributes] for token lists (one per prompt, unpadded); raises EngineUnavailableError."""
-        return await self.engine.score(token_batch)
+        """Rewards float32 [B, num_attributes] for token lists (one per prompt, unpadded); raises
+        EngineUnavailableError naming this replica, so routers retry elsewhere and avoid it."""
+        try:
+            return await self.engine.score(token_batch)
+        except EngineUnavailableError as e:
+            raise EngineUnavailableError(e.message, replica_id=serve.get_replica_context().replica_id.unique_id
+                                         ) from None
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve for every router's request router (deployments.model_routing)."""
+        return {"engine_broken": bool(getattr(self.engine, "broken", None))}
 
     def describe(self) -> list[dict]:
         """Worker placement (rank, stage, node, actor id), when the engine can tell."""
         describe = getattr(self.engine, "describe", None)
         return describe() if describe else []
+
+    def simulated_stats(self, reset: bool = False) -> list[dict]:
+        """Each rank's modelled busy time on a simulated device, pipeline stage by stage (TP rank 0 of each)."""
+        stats = self.engine.simulated_stats(reset)
+        tp = self.config.parallel.tensor_parallel_size
+        return [s for s in stats if s["rank"] % tp == 0]
 
     async def check_health(self) -> None:
         try:

@@ -47,6 +47,13 @@ from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
 from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
+from deployments.model_routing import (
+    FAILOVER_ATTEMPTS,
+    FAILOVER_BACKOFF_S,
+    batches_in_flight_for,
+    fails_over,
+    follow_model_replicas,
+)
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
 from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, json_body_docs
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
@@ -94,9 +101,10 @@ class Router(KServeRoutes, RLHFRoutes):
         self._batcher = TokenBatcher(
             self._run_model_batch,
             max_tokens_per_batch=budget_tokens,
-            max_batches_in_flight=self._cfg.max_batches_in_flight,
+            max_batches_in_flight=batches_in_flight_for(self._cfg, running_model_replicas=None),
             max_queued_tokens=self._cfg.router.max_queued_tokens,
         )
+        self._replica_follower: asyncio.Task | None = None
 
     @property
     def max_input_tokens(self) -> int:
@@ -111,7 +119,14 @@ class Router(KServeRoutes, RLHFRoutes):
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
-            output = await self._model.score.remote(token_lists)
+            for attempt in range(FAILOVER_ATTEMPTS):
+                try:
+                    output = await self._model.score.remote(token_lists)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only a failed model replica is retried
+                    if not fails_over(self._cfg, exc, attempt):
+                        raise
+                    await asyncio.sleep(FAILOVER_BACKOFF_S * (attempt + 1))
         finally:
             self._metrics.batch_finished(time.perf_counter() - started_s)
         attributes = np.asarray(output, dtype=np.float32)
@@ -121,11 +136,18 @@ class Router(KServeRoutes, RLHFRoutes):
         scores = np.asarray(await self._scoring.weigh.remote(attributes, weights), dtype=np.float64)
         return np.column_stack([attributes.astype(np.float64), scores])
 
+    def _follow_model_replicas(self) -> None:
+        """Under model autoscaling, keeps the batcher's cap at the running replicas' share (started on first use)."""
+        if self._cfg.model.autoscaling is not None and self._replica_follower is None:
+            self._replica_follower = asyncio.get_running_loop().create_task(
+                follow_model_replicas(self._cfg, self._batcher))
+
     async def _score_tokens(self, token_lists: Sequence[list[int]], param: str | None = None,
                             weights: Sequence[float] | None = None) -> ModelScores:
         """Attributes and weighted scores of a request's prompts: they enter the replica's batch queue at once,
         together (after the per-request token limit); `weights` are the request's own (None: the service's)."""
         check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
+        self._follow_model_replicas()
         rows = await self._batcher.score(token_lists, [weights] * len(token_lists))
         attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
         bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))

@@ -123,6 +123,11 @@ class MegatronEngine:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
 
+    @property
+    def broken(self) -> str | None:
+        """Why the engine cannot compute (a worker failed), or None."""
+        return self._broken
+
     def describe(self) -> list[dict]:
         """Where each rank runs: rank, stage, TP rank, bundle, node, placement group and Ray actor id."""
         return [
@@ -151,6 +156,10 @@ class MegatronEngine:
         except ray.exceptions.RayError as e:
             self._fail(f"a model worker failed its health check: {type(e).__name__}")
             raise EngineUnavailableError(self._broken) from None
+
+    def simulated_stats(self, reset: bool = False) -> list[dict]:
+        """Per rank on a simulated device: modelled busy seconds, micro-batches, wall seconds (bench/simulated.py)."""
+        return ray.get([w.simulated_stats.remote(reset) for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -24,11 +24,13 @@ class RewardEngine(Protocol):
 
 
 class EngineUnavailableError(RuntimeError):
-    """The engine lost a worker or cannot reach one; the request may be retried after recovery."""
+    """The engine lost a worker or cannot reach one; the request may be retried after recovery, or at once on
+    another model replica. `replica_id` names the model replica whose engine failed, where known."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, replica_id: str | None = None):
         super().__init__(message)
         self.message = message
+        self.replica_id = replica_id
 
     def __reduce__(self):
-        return (type(self), (self.message,))
+        return (type(self), (self.message, self.replica_id))

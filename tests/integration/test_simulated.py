@@ -1,7 +1,7 @@
 """The simulated accelerator inside the real system: TP 2 x PP 2 worker actors over the two simulated nodes,
 gloo process groups, stage-to-stage sends of the stand-in activations; every sequence gets the pseudo-rewards
 of its own tokens whatever the layout and batch mates; the service says `simulated` in every answer.
-(Timing against the cost model is asserted in bench/simulated.py, not here.)"""
+(Timing against the cost model is asserted in bench/simulated_service.py, not here.)"""
 
 from __future__ import annotations
 

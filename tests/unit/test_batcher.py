@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import pickle
 
 import numpy as np
@@ -228,5 +229,44 @@ def test_extras_travel_with_their_prompts_across_batches():
         assert model.extras == [["a0", "a1"], ["a2", None]]
         with pytest.raises(ValueError, match="2 extras for 3 prompts"):
             await batcher.score(prompts(1, 1, 1), extras=["x", "y"])
+
+    run(main())
+
+
+REQUEST_CONTEXT = contextvars.ContextVar("request_context", default=None)  # stands in for Serve's
+
+
+def test_a_batch_is_no_child_of_the_request_that_dispatched_it():
+    """Request A (two prompts) dispatches batch 1 (A's first prompt); batch 2 (A's second prompt and C's) is
+    dispatched when batch 1 returns. Neither model call may run in A's context: Serve keeps its request
+    context in a contextvar and cancels the children of a request whose client left. Cancelling A then
+    leaves C's score intact."""
+
+    async def main():
+        model = FakeModel()
+        seen: list = []
+
+        async def call(token_lists, extras):
+            seen.append(REQUEST_CONTEXT.get())
+            return await model(token_lists, extras)
+
+        batcher = TokenBatcher(call, max_tokens_per_batch=9, max_batches_in_flight=1, max_queued_tokens=1000)
+
+        async def as_request(name, token_lists):
+            REQUEST_CONTEXT.set(name)
+            return await batcher.score(token_lists)
+
+        a = asyncio.ensure_future(as_request("A", prompts(8, 2)))
+        await settle()
+        c = asyncio.ensure_future(as_request("C", prompts(3, first=7)))
+        await settle()
+        model.release(0)
+        await settle()
+        assert model.calls[1] == [[2, 2], [7, 7, 7]]  # A's second prompt and C's, in one batch
+        a.cancel()
+        await settle()
+        model.release(1)
+        assert (await c).tolist() == [[3, 7]]
+        assert seen == [None, None]
 
     run(main())
