@@ -4,12 +4,13 @@ receives as `args` from a Serve config file."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from configs.accelerators import ACCELERATORS
 from configs.base import StrictModel
+from configs.migrations import check_removed_keys
 from configs.model import ModelArchConfig
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -302,6 +303,11 @@ class ServiceConfig(StrictModel):
         default_factory=AuthConfig,
         description="Optional API key required as `Authorization: Bearer <key>` on the scoring routes.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_removed_keys(cls, data: Any) -> Any:
+        return check_removed_keys(data)  # keys of earlier versions name their replacement (configs/migrations.py)
 
     @model_validator(mode="after")
     def _check_cross(self) -> ServiceConfig:

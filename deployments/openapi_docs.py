@@ -1,5 +1,6 @@
-"""What `/openapi.json` says beyond the route signatures: the one error body under every error status the
-routes answer (400, 401, 404, 413, 503; FastAPI's default 422 is never answered, so it is removed), and the
+"""What `/openapi.json` says beyond the route signatures: the error body under every error status each route
+answers (400, 401, 404, 411, 413, 503 on the scoring routes; no 401 on the open ones; KServe's `{"error":
+message}` under `/v2`; FastAPI's default 422 is never answered, so it is removed), and the
 KServe v2 infer request and response bodies, which that route reads and writes itself (JSON, or the binary
 tensor data extension: `Inference-Header-Content-Length` bytes of JSON header, then raw tensors)."""
 
@@ -26,6 +27,10 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class KServeErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, with the numbers (KServe v2's error shape, read by Triton clients).")
+
+
 class OutputTensor(BaseModel):
     name: str = Field(description="`rewards` (FP32 [B, num_attributes]) or `exceeded` (INT32 [B, 1]).")
     datatype: str = Field(description="FP32 or INT32.")
@@ -49,9 +54,21 @@ _ERRORS = {
     413: "The body (or its decompressed size) is over `router.max_request_bytes`.",
     503: "The model is unavailable or the service is starting; retry later.",
 }
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text} for status, text in _ERRORS.items()
-}
+
+
+def error_responses(*statuses: int, kserve: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route that answers these error statuses: the service's error body, or KServe's
+    (`kserve`, the `/v2` routes)."""
+    body = KServeErrorBody if kserve else ErrorBody
+    return {status: {"model": body, "description": _ERRORS[status]} for status in statuses}
+
+
+# Every error of the scoring routes: the body limits and the drain's 503 apply to every route, the API key
+# (401) only to the scoring routes (`deployments.http_app.requires_api_key`).
+ERROR_RESPONSES = error_responses(400, 401, 404, 411, 413, 503)
+KSERVE_ERROR_RESPONSES = error_responses(400, 401, 404, 411, 413, 503, kserve=True)
+OPEN_ERROR_RESPONSES = error_responses(400, 411, 413, 503)  # /health: no key, no model named
+KSERVE_OPEN_ERROR_RESPONSES = error_responses(400, 404, 411, 413, 503, kserve=True)  # /v2 metadata of a model
 
 _REF = "#/components/schemas/{model}"
 _BINARY = {"type": "string", "format": "binary",

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import Field, StrictStr
+from pydantic import Field
 
-from deployments.schemas import StrictBody
+from deployments.schemas import StrictBody, Text
 
 
 class GetRewardRequest(StrictBody):
-    query: list[StrictStr] = Field(
+    query: list[Text] = Field(
         min_length=1,
         description="Rendered prompts (conversation + response in the model's template), one per sample; "
         "`<extra_id_2>` is appended when missing.",

@@ -55,7 +55,14 @@ from deployments.model_routing import (
     follow_model_replicas,
 )
 from deployments.openai_api import ChatCompletionRequest, chat_completion_body, models_body
-from deployments.openapi_docs import ERROR_RESPONSES, KSERVE_INFER_DOCS, json_body_docs
+from deployments.openapi_docs import (
+    ERROR_RESPONSES,
+    KSERVE_ERROR_RESPONSES,
+    KSERVE_INFER_DOCS,
+    KSERVE_OPEN_ERROR_RESPONSES,
+    OPEN_ERROR_RESPONSES,
+    json_body_docs,
+)
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
 from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
@@ -264,8 +271,8 @@ class Router(KServeRoutes, RLHFRoutes):
 
     # --- KServe v2 / Triton: the routes; their work is `deployments.kserve_routes` -------------------------
 
-    @app.post("/v2/models/{model_name}/infer", responses=ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=ERROR_RESPONSES,
+    @app.post("/v2/models/{model_name}/infer", responses=KSERVE_ERROR_RESPONSES, openapi_extra=KSERVE_INFER_DOCS)
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=KSERVE_ERROR_RESPONSES,
               openapi_extra=KSERVE_INFER_DOCS)
     async def kserve_infer(self, model_name: str, http_request: Request, model_version: str | None = None) -> Response:
         return await self._kserve_infer(model_name=model_name, http_request=http_request, model_version=model_version)
@@ -292,8 +299,8 @@ class Router(KServeRoutes, RLHFRoutes):
     async def kserve_model_ready(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         return await self._kserve_model_ready(model_name=model_name, model_version=model_version)
 
-    @app.get("/v2/models/{model_name}/config")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/config")
+    @app.get("/v2/models/{model_name}/config", responses=KSERVE_OPEN_ERROR_RESPONSES)
+    @app.get("/v2/models/{model_name}/versions/{model_version}/config", responses=KSERVE_OPEN_ERROR_RESPONSES)
     async def kserve_model_config(self, model_name: str, model_version: str | None = None) -> dict[str, Any]:
         return await self._kserve_model_config(model_name=model_name, model_version=model_version)
 
@@ -303,15 +310,15 @@ class Router(KServeRoutes, RLHFRoutes):
 
     # --- OpenRLHF /get_reward, vLLM /classify and /pooling: `deployments.rlhf_routes` ----------------------
 
-    @app.post("/get_reward", response_model=GetRewardResponse)
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=ERROR_RESPONSES)
     async def get_reward(self, body: GetRewardRequest, http_request: Request) -> Any:
         return await self._get_reward(body=body, http_request=http_request)
 
-    @app.post("/classify", response_model=ClassifyResponse)
+    @app.post("/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES)
     async def classify(self, body: ClassifyRequest, http_request: Request) -> Any:
         return await self._classify(body=body, http_request=http_request)
 
-    @app.post("/pooling", response_model=PoolingResponse)
+    @app.post("/pooling", response_model=PoolingResponse, responses=ERROR_RESPONSES)
     async def pooling(self, body: PoolingRequest, http_request: Request) -> Any:
         return await self._pooling(body=body, http_request=http_request)
 
@@ -341,7 +348,7 @@ class Router(KServeRoutes, RLHFRoutes):
                 self._metrics.rejected_too_long(route_name(http_request))
         return error_response_for(error, http_request)
 
-    @app.get("/health")
+    @app.get("/health", responses=OPEN_ERROR_RESPONSES)
     async def health(self) -> dict[str, str]:
         return await self._ready_or_503({"status": "ok"})
 

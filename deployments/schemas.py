@@ -32,6 +32,13 @@ FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 SUB_LOC_KEY = "sub_loc"  # error ctx key: loc parts below the validated field, e.g. (3, "role")
 
 
+# Text the service tokenizes. pydantic-core reads a string's characters only when the field has a constraint;
+# reading them fails on a lone surrogate ("\ud800": valid JSON, not Unicode text) with a `string_unicode`
+# error, so the 400 names the field (as for `Message.content`, whose min_length makes it read), where a bare
+# StrictStr would pass the surrogate on to the tokenizer, which fails with a 500.
+Text = Annotated[StrictStr, Field(min_length=0)]
+
+
 class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -137,7 +144,7 @@ class ScoreRequest(StrictBody):
         description="Best-of-N: the messages the responses answer (optional system message first, then turns "
         "ending with a user message); computed once for all responses.",
     )
-    responses: list[StrictStr] | None = Field(
+    responses: list[Text] | None = Field(
         default=None, min_length=1,
         description="Best-of-N: candidate assistant replies to `prompt`; one result per response, in order.",
     )

@@ -19,20 +19,34 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
-
+from pydantic import BeforeValidator, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from deployments.schemas import SUB_LOC_KEY, Message, StrictBody, check_message_roles
+from deployments.schemas import SUB_LOC_KEY, Message, StrictBody, Text, check_message_roles
 
 SCORE_LABEL = "score"
 
 
+def one_or_more(value: Any) -> Any:
+    """vLLM's `input` is one prompt or a list of them; one becomes a list of one, so every error about a prompt
+    names it `input[i]` (as the token limit does)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise PydanticCustomError("string_or_list", "give a string or a list of strings")
+    return value
+
+
+PromptInput = Annotated[list[Text], BeforeValidator(one_or_more),
+                        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})]
+
+
 class ClassifyRequest(StrictBody):
     model: StrictStr | None = Field(default=None, description="The served model's name; optional.")
-    input: StrictStr | list[StrictStr] | None = Field(
+    input: PromptInput | None = Field(
         default=None,
         description="A rendered prompt or a list of them (conversation in the model's template); "
         "`<extra_id_2>` is appended when missing. Give `input` or `messages`.",
@@ -60,7 +74,7 @@ class ClassifyRequest(StrictBody):
         if (self.input is None) == (self.messages is None):
             raise PydanticCustomError("input_or_messages", "give either `input` or `messages`",
                                       {SUB_LOC_KEY: ("input",)})
-        if isinstance(self.input, list) and not self.input:
+        if self.input is not None and not self.input:
             raise PydanticCustomError("empty_input", "input is an empty list", {SUB_LOC_KEY: ("input",)})
         for name in ("activation", "use_activation", "softmax"):
             if getattr(self, name):
@@ -73,7 +87,7 @@ class ClassifyRequest(StrictBody):
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input or [])
+        return list(self.input or [])
 
 
 class PoolingRequest(ClassifyRequest):

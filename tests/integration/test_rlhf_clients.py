@@ -238,6 +238,21 @@ def test_classify_and_pooling_errors_name_the_field(http, path, body, status, pa
         assert "the limit is 4096" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/get_reward", {"query": ["ok", "x\ud800"]}, "query[1]"),
+    ("/classify", {"input": "\ud800"}, "input[0]"),
+    ("/pooling", {"input": ["ok", "\udfff"]}, "input[1]"),
+    ("/v1/score", {"prompt": [{"role": "user", "content": "Hi"}], "responses": ["ok", "\ud800"]}, "responses[1]"),
+    ("/v1/score", {"prompt": [{"role": "user", "content": "\ud800"}], "responses": ["ok"]}, "prompt[0].content"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(http, path, body, param):
+    # `\ud800` escaped in the JSON: valid JSON, not Unicode text (it reached the tokenizer and gave a 500).
+    response = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and "unicode" in error["message"]
+
+
 # --- OpenAI content parts -----------------------------------------------------------------------------------
 
 

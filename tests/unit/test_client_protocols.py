@@ -121,6 +121,8 @@ def test_get_reward_request_and_body():
     request = GetRewardRequest.model_validate({"query": ["a", "b"], "prompts": ["p", None], "labels": [1, "x"]})
     assert request.query == ["a", "b"]
     assert error_of(GetRewardRequest, {"query": "a"}).param == "query"
+    surrogate = error_of(GetRewardRequest, {"query": ["ok", "x\ud800"]})
+    assert surrogate.param == "query[1]" and "unicode" in surrogate.message
     rows = [[float(i + j) for j in range(9)] for i in range(2)]
     body = get_reward_body(scored(rows, [1.0] * 9), NAMES).model_dump()
     assert body["rewards"] == body["scores"] == [36.0, 45.0]
@@ -134,6 +136,12 @@ def test_get_reward_request_and_body():
     ({"input": "x", "use_activation": True}, "use_activation", "true is not supported"),
     ({"input": "x", "truncate_prompt_tokens": 10}, "truncate_prompt_tokens", "Extra inputs"),
     ({"messages": [{"role": "user", "content": "x"}]}, "messages[0].role", "last message"),
+    ({"input": 3}, "input", "give a string or a list of strings"),
+    ({"input": ["x", 3]}, "input[1]", "valid string"),
+    # A lone surrogate is valid JSON and not Unicode text: a 400 naming the prompt, not a tokenizer 500.
+    ({"input": "\ud800"}, "input[0]", "unicode"),
+    ({"input": ["ok", "a\udc00"]}, "input[1]", "unicode"),
+    ({"messages": [{"role": "assistant", "content": "\ud800"}]}, "messages[0].content", "unicode"),
 ])
 def test_classify_request_rules(body, param, fragment):
     error = error_of(ClassifyRequest, body)

@@ -521,6 +521,17 @@ def test_serve_config_deployment_overrides_name_real_deployments(path):
             assert not {"placement_group_bundles", "placement_group_strategy", "ray_actor_options"} & fields_set
 
 
+@pytest.mark.parametrize("path", SERVE_CONFIGS)
+def test_serve_config_files_bound_slow_clients(path):
+    """Serve's HTTP timeouts are set (tests/integration/test_slow_clients.py shows what they close), and
+    scripts/serve_local.py hands them to serve.start."""
+    options = _serve_schema(path).http_options
+    assert {"keep_alive_timeout_s", "request_timeout_s"} <= options.model_fields_set
+    assert options.keep_alive_timeout_s == 5 and options.request_timeout_s == 300  # Serve's defaults: 90 and none
+    given_to_serve_start = options.model_dump()
+    assert (given_to_serve_start["keep_alive_timeout_s"], given_to_serve_start["request_timeout_s"]) == (5, 300)
+
+
 def test_nemotron_serve_config_is_the_release_layout():
     from sharding.placement import placement_for
 

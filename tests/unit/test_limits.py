@@ -186,12 +186,23 @@ def test_openapi_documents_the_error_statuses_and_kserve_bodies():
     from deployments.router import app
 
     spec = app.openapi()
-    for path in ("/v1/score", "/v1/chat/completions", "/v2/models/{model_name}/infer"):
+    for path in ("/v1/score", "/v1/chat/completions", "/get_reward", "/classify", "/pooling",
+                 "/v2/models/{model_name}/infer"):
         responses = spec["paths"][path]["post"]["responses"]
         assert {"400", "401", "404", "413", "503"} <= set(responses) and "422" not in responses
-        assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+        body = "/KServeErrorBody" if path.startswith("/v2") else "/ErrorBody"  # KServe's {"error": message}
+        for status in ("400", "401", "413", "503"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith(body), (path, status)
+    # The open routes answer no 401 (no API key asked); the body limits and the drain's 503 apply to every route.
+    for path, body in [("/health", "/ErrorBody"), ("/v2/models/{model_name}/config", "/KServeErrorBody"),
+                       ("/v2/models/{model_name}/versions/{model_version}/config", "/KServeErrorBody")]:
+        responses = spec["paths"][path]["get"]["responses"]
+        assert {"400", "413", "503"} <= set(responses) and not {"401", "422"} & set(responses), path
+        for status in ("400", "413", "503"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith(body), (path, status)
+    assert "404" in spec["paths"]["/v2/models/{model_name}/config"]["get"]["responses"]  # an unknown model
     infer = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
     assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
     schemas = spec["components"]["schemas"]
-    assert {"InferRequestHeader", "InputTensor", "InferResponseBody", "ErrorBody"} <= set(schemas)
+    assert {"InferRequestHeader", "InputTensor", "InferResponseBody", "ErrorBody", "KServeErrorBody"} <= set(schemas)
     assert "HTTPValidationError" not in schemas

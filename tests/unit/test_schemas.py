@@ -111,6 +111,11 @@ def test_best_of_n_request():
         ({"prompt": [USER]}, None, "prompt and responses go together"),
         ({**body(USER, ASSISTANT), "prompt": [USER], "responses": ["x"]}, None, "not both"),
         ({"prompt": [USER], "responses": [3]}, "responses[0]", "valid string"),
+        # A lone surrogate is valid JSON and not Unicode text: refused where it is, never at the tokenizer.
+        ({"prompt": [USER], "responses": ["ok", "\ud800"]}, "responses[1]", "unicode"),
+        ({"prompt": [SYSTEM, {"role": "user", "content": "a\udfffb"}], "responses": ["x"]}, "prompt[1].content",
+         "unicode"),
+        (body(USER, {"role": "assistant", "content": "\ud800"}), "conversations[0].messages[1].content", "unicode"),
     ],
 )
 def test_bad_best_of_n_names_the_field(payload, param, fragment):
