@@ -22,7 +22,7 @@ from ray.serve.config import RequestRouterConfig
 
 from configs.service import ModelReplicasConfig, RouterConfig, ServiceConfig
 from deployments.chat_template import prompt_format_for
-from deployments.model_routing import HealthyReplicasFirst
+from deployments.model_routing import MODEL_REQUEST_ROUTER, ROUTING_STATS_PERIOD_S
 from deployments.reward_model import RewardModelDeployment
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
@@ -48,7 +48,8 @@ def build_app(args: dict[str, Any]) -> Application:
         placement_group_strategy=plan.strategy,
         ray_actor_options={"num_cpus": config.runtime.replica_cpus},
         max_ongoing_requests=config.model_max_ongoing_requests,
-        request_router_config=RequestRouterConfig(request_router_class=HealthyReplicasFirst),
+        request_router_config=RequestRouterConfig(request_router_class=MODEL_REQUEST_ROUTER,
+                                                  request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
@@ -67,4 +68,5 @@ def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) 
         "max_replicas": scaling.max_replicas,
         "target_ongoing_requests": scaling.target_ongoing_requests or target,
         "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_period_s,
     }}

@@ -150,6 +150,7 @@ class AutoscalingConfig(StrictModel):
     )
     upscale_delay_s: float = Field(default=30.0, ge=0, description="Load above target this long adds replicas.")
     downscale_delay_s: float = Field(default=300.0, ge=0, description="Load below target this long removes replicas.")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Window over which Serve averages the load.")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
@@ -159,7 +160,7 @@ class AutoscalingConfig(StrictModel):
 
 
 def _one_of_replicas_or_autoscaling(section: StrictModel, name: str) -> None:
-    if section.autoscaling is not None and "num_replicas" in section.model_fields_set:
+    if section.autoscaling is not None and section.num_replicas != 1:
         raise ValueError(f"set {name}.num_replicas or {name}.autoscaling, not both")
 
 

@@ -18,6 +18,7 @@ then fails with the replica's own 503, as with one replica.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import random
 import time
@@ -31,18 +32,26 @@ from sharding.protocol import EngineUnavailableError
 
 logger = logging.getLogger("ray.serve")
 
+MODEL_REQUEST_ROUTER = "deployments.model_routing.HealthyReplicasFirst"
+ROUTING_STATS_PERIOD_S = 2.0  # how often Serve asks each model replica for `record_routing_stats`
 BROKEN_FOR_S = 600.0  # a replica marked broken here is avoided this long (Serve replaces it well before)
 _broken: dict[str, float] = {}  # replica id -> when this process saw its engine fail
+
+
+def _marks() -> dict[str, float]:
+    """This process's marks. Serve ships the request-router class to the router replicas pickled by value, so
+    its functions see a copy of this module's globals; the marks live in the module as imported."""
+    return importlib.import_module(__name__)._broken
 
 
 def mark_broken(replica_id: str | None) -> None:
     """Records that a batch failed on this model replica's broken engine (process-local)."""
     if replica_id:
-        _broken[replica_id] = time.monotonic()
+        _marks()[replica_id] = time.monotonic()
 
 
 def is_broken(replica: Any) -> bool:
-    seen = _broken.get(replica.replica_id.unique_id)
+    seen = _marks().get(replica.replica_id.unique_id)
     if seen is not None and time.monotonic() - seen < BROKEN_FOR_S:
         return True
     return bool((replica.routing_stats or {}).get("engine_broken", False))
@@ -84,8 +93,9 @@ def fails_over(config: ServiceConfig, exc: BaseException, attempt: int) -> bool:
         return False
     if not isinstance(exc, (EngineUnavailableError, RayActorError)):
         return False
-    mark_broken(getattr(getattr(exc, "cause", None) or exc, "replica_id", None))
-    logger.warning("a model batch failed on a model replica (%s); sending it to another one",
+    replica_id = getattr(getattr(exc, "cause", None) or exc, "replica_id", None)
+    mark_broken(replica_id)
+    logger.warning("a model batch failed on model replica %s (%s); sending it to another one", replica_id,
                    str(exc).strip().splitlines()[-1][:200])
     return True
 

@@ -76,6 +76,7 @@ class SimulatedStage:
         self.last = pp_rank == self.pp - 1
         self.busy_s = 0.0  # modelled time this stage was asked to wait
         self.micro_batches = 0
+        self.rows = 0
         self.started = time.monotonic()
 
     def activation_shape(self, micro_batch) -> tuple[int, int]:
@@ -102,6 +103,7 @@ class SimulatedStage:
         _sleep_until(end)
         self.busy_s += modelled.busy_s
         self.micro_batches += 1
+        self.rows += work.rows
         if self.last:
             rewards = [pseudo_rewards(seq, self.arch.num_attributes) for seq in scored_sequences(micro_batch)]
             return torch.from_numpy(np.stack(rewards))
@@ -109,12 +111,13 @@ class SimulatedStage:
         return torch.tensor([[arrival, float(work.rows)]] * self.tp, dtype=self.activation_dtype)
 
     def stats(self) -> dict[str, float]:
-        """Modelled busy seconds, micro-batches and wall seconds since this stage was built (or last reset)."""
-        return {"busy_s": self.busy_s, "micro_batches": self.micro_batches,
+        """Modelled busy seconds, micro-batches, token rows and wall seconds since this stage was built (or last
+        reset)."""
+        return {"busy_s": self.busy_s, "micro_batches": self.micro_batches, "rows": self.rows,
                 "wall_s": time.monotonic() - self.started}
 
     def reset_stats(self) -> None:
-        self.busy_s, self.micro_batches, self.started = 0.0, 0, time.monotonic()
+        self.busy_s, self.micro_batches, self.rows, self.started = 0.0, 0, 0, time.monotonic()
 
 
 def _sleep_until(deadline: float) -> None:

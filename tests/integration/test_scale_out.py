@@ -1,0 +1,125 @@
+"""Scale-out on the simulated two-node cluster: two model replicas (TP 1 each, the demo model) behind two
+routers; a worker killed under load costs the clients nothing; a router replica killed while the other
+serves; the model deployment autoscaled 1 -> 2 -> 1. (A client that leaves cancels no batch mate:
+tests/unit/test_batcher.py, where the batch's context is observable without timing.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+from ray._private.state import actors as gcs_actor_table  # GCS records; the state API needs a dashboard
+
+from tests.integration.conftest import deploy, service_args
+from tests.integration.test_model_parallel import PROMPTS, score_body
+from tests.integration.test_service import reference_attributes
+
+TOL = 1e-5
+
+
+def _replica_actors(app: str, deployment: str) -> list[dict]:
+    name = f"ServeReplica:{app}:{deployment}"
+    return [a for a in gcs_actor_table().values() if a["ActorClassName"] == name and a["State"] == "ALIVE"]
+
+
+def _running(app: str, deployment: str) -> int:
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def _stream(url: str, stop: threading.Event, log: list[tuple[float, int, dict | None]]) -> None:
+    """One client sending requests back to back until `stop`; logs (finish time, status, body if 200)."""
+    with httpx.Client(timeout=120) as client:
+        while not stop.is_set():
+            response = client.post(f"{url}/v1/score", json=score_body(PROMPTS[:3]))
+            log.append((time.monotonic(), response.status_code, response.json() if response.status_code == 200
+                        else response.text))
+
+
+@pytest.fixture(scope="module")
+def scaled_app(serve_http, demo_checkpoint):
+    from serve_app import build_app
+
+    args = service_args(demo_checkpoint, model={"num_replicas": 2}, router={"num_replicas": 2})
+    deploy(build_app(args), name="scaled", route_prefix="/scaled")
+    yield f"{serve_http}/scaled"
+    serve.delete("scaled")
+
+
+def test_worker_killed_in_one_of_two_replicas_costs_clients_nothing(scaled_app, reference_scorer, tokenizer):
+    assert _running("scaled", "RewardModelDeployment") == 2
+    model = serve.get_deployment_handle("RewardModelDeployment", app_name="scaled")
+    victim = model.describe.remote().result()[0]
+    stop, logs = threading.Event(), [[] for _ in range(4)]
+    streams = [threading.Thread(target=_stream, args=(scaled_app, stop, log), daemon=True) for log in logs]
+    for thread in streams:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(len(log) >= 2 for log in logs):  # every stream has had batches through
+        assert time.monotonic() < deadline, "no traffic"
+        time.sleep(0.1)
+    killed_at = time.monotonic()
+    os.kill(gcs_actor_table(victim["actor_id"])["Pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30  # keep the load on until every stream had requests answered after the kill
+    while not all(sum(t > killed_at + 2 for t, _, _ in log) >= 3 for log in logs):
+        assert time.monotonic() < deadline, "streams stalled after the kill"
+        time.sleep(0.2)
+    stop.set()
+    for thread in streams:
+        thread.join(timeout=120)
+    want = reference_attributes(reference_scorer, tokenizer, score_body(PROMPTS[:3])["conversations"])
+    for log in logs:
+        assert [status for _, status, _ in log] == [200] * len(log), [body for _, s, body in log if s != 200][:2]
+        for _, _, body in log:  # a retried batch is scored again in full: the same numbers
+            got = np.array([list(r["attributes"].values()) for r in body["results"]])
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_a_router_replica_killed_while_the_other_serves(scaled_app):
+    routers = _replica_actors("scaled", "Router")
+    assert len(routers) == 2
+    os.kill(routers[0]["Pid"], signal.SIGKILL)
+    statuses = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(20):  # Serve's proxy notices the dead replica and sends to the other
+            statuses.append(client.post(f"{scaled_app}/v1/score", json=score_body(PROMPTS[:1])).status_code)
+    assert statuses[-10:] == [200] * 10, statuses
+    deadline = time.monotonic() + 120  # and Serve starts a replacement
+    while _running("scaled", "Router") < 2:
+        assert time.monotonic() < deadline, serve.status().applications["scaled"].deployments["Router"]
+        time.sleep(1)
+
+
+def test_model_replicas_autoscale_up_under_load_and_down_when_idle(serve_http, demo_checkpoint):
+    from serve_app import build_app
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1, "downscale_delay_s": 3,
+               "look_back_period_s": 2}
+    args = service_args(demo_checkpoint, model={"autoscaling": scaling}, router={"max_batches_in_flight": 1})
+    deploy(build_app(args), name="autoscaled", route_prefix="/autoscaled")
+    url = f"{serve_http}/autoscaled"
+    try:
+        assert _running("autoscaled", "RewardModelDeployment") == 1
+        stop, logs = threading.Event(), [[] for _ in range(6)]
+        streams = [threading.Thread(target=_stream, args=(url, stop, log), daemon=True) for log in logs]
+        for thread in streams:
+            thread.start()
+        deadline = time.monotonic() + 180
+        while _running("autoscaled", "RewardModelDeployment") < 2:
+            assert time.monotonic() < deadline, serve.status().applications["autoscaled"]
+            time.sleep(1)
+        stop.set()
+        for thread in streams:
+            thread.join(timeout=120)
+        assert all(status == 200 for log in logs for _, status, _ in log)
+        deadline = time.monotonic() + 120
+        while _running("autoscaled", "RewardModelDeployment") > 1:
+            assert time.monotonic() < deadline, serve.status().applications["autoscaled"]
+            time.sleep(1)
+    finally:
+        serve.delete("autoscaled")
