@@ -24,6 +24,7 @@ from configs.service import ModelReplicasConfig, RouterConfig, ServiceConfig
 from deployments.chat_template import prompt_format_for
 from deployments.model_routing import MODEL_REQUEST_ROUTER, ROUTING_STATS_PERIOD_S
 from deployments.reward_model import RewardModelDeployment
+from deployments.router_affinity import ROUTER_REQUEST_ROUTER
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
 from sharding.checkpoints.check import check_weights_fit
@@ -53,8 +54,10 @@ def build_app(args: dict[str, Any]) -> Application:
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
-    return Router.options(**replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS)).bind(
-        model, scoring, config_json)
+    return Router.options(
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_REQUEST_ROUTER),
+        **replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS),
+    ).bind(model, scoring, config_json)
 
 
 def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) -> dict[str, Any]:

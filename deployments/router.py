@@ -47,6 +47,7 @@ from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
 from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
+from deployments.router_affinity import affinity_key
 from deployments.model_routing import (
     FAILOVER_ATTEMPTS,
     FAILOVER_BACKOFF_S,
@@ -74,6 +75,7 @@ from sharding.checkpoints.formats import open_checkpoint
 from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
+ROUTER_DEPLOYMENT = "Router"
 
 
 class ModelScores(NamedTuple):
@@ -112,6 +114,8 @@ class Router(KServeRoutes, RLHFRoutes):
             max_queued_tokens=self._cfg.router.max_queued_tokens,
         )
         self._replica_follower: asyncio.Task | None = None
+        self._routers: Any = None  # handle to the Router deployment (prefix affinity), made on first use
+        self._affinity_prompts: dict[str | None, int] = {}  # requests scored here as their key's home
 
     @property
     def max_input_tokens(self) -> int:
@@ -227,22 +231,49 @@ class Router(KServeRoutes, RLHFRoutes):
                       computed_tokens=unique_tokens([prompt.token_ids for prompt in prompts]))
         return ScoreResponse(model=self._cfg.model_name, device=self._cfg.device_label, results=results, usage=usage)
 
+    async def _score_at_home(self, request: ScoreRequest) -> dict[str, Any] | ScoreResponse:
+        """Scores here with one router replica; with several, at the request's home router (prefix affinity,
+        `deployments.router_affinity`), which may be this one."""
+        if self._cfg.router.max_replicas < 2:
+            return await self._score_validated(request)
+        if self._routers is None:
+            self._routers = serve.get_deployment_handle(
+                ROUTER_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
+        body = request.model_dump(mode="json", exclude_unset=True)
+        return await self._routers.score_routed.remote(body, affinity_key=affinity_key(request))
+
+    async def score_routed(self, request: dict[str, Any], affinity_key: str | None = None) -> dict[str, Any]:
+        """A request another router replica handed to this one, its home for `affinity_key` (Serve's request
+        router chose this replica by the key); scored here."""
+        self._affinity_prompts[affinity_key] = self._affinity_prompts.get(affinity_key, 0) + 1
+        return await self._typed_errors(self._score_validated(self._validate(request)))
+
+    async def routed_requests(self, affinity_key: str | None = None) -> dict[str, Any]:
+        """This replica's id and the requests it scored as their key's home, by key (call it with a key to reach
+        that key's home)."""
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id,
+                "requests": {str(k): n for k, n in self._affinity_prompts.items()}}
+
     async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:
         """Handle entry point: same validation and typed errors as `POST /v1/score`; returns its JSON."""
+        return await self._typed_errors(self._score_at_home(self._validate(request)))
+
+    @staticmethod
+    async def _typed_errors(scoring) -> dict[str, Any]:
         try:
-            response = await self._score_validated(self._validate(request))
+            response = await scoring
         except Exception as exc:  # re-raise as the typed error a caller can catch
             error = as_service_error(exc)
             if error is None:
                 raise
             raise error from None
-        return response.model_dump(mode="json")
+        return response if isinstance(response, dict) else response.model_dump(mode="json")
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES,
               openapi_extra=json_body_docs(ScoreRequest))
     async def score_http(self, http_request: Request) -> Any:
         try:
-            return await self._score_validated(await self._in_pool(self._validate, await http_request.body()))
+            return await self._score_at_home(await self._in_pool(self._validate, await http_request.body()))
         except Exception as exc:
             return self._http_error(exc, http_request)
 

@@ -5,6 +5,7 @@ tests/unit/test_batcher.py, where the batch's context is observable without timi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -78,6 +79,33 @@ def test_worker_killed_in_one_of_two_replicas_costs_clients_nothing(scaled_app, 
         for _, _, body in log:  # a retried batch is scored again in full: the same numbers
             got = np.array([list(r["attributes"].values()) for r in body["results"]])
             np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_requests_sharing_a_prompt_meet_on_one_router(scaled_app):
+    """A GRPO group sent one request per response: Serve's proxy spreads them over both routers, which hand
+    each to the group's home router (rendezvous hash of the prompt prefix); the other router scores none."""
+    from deployments.router_affinity import affinity_key
+    from deployments.schemas import ScoreRequest
+
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime number."}]
+    bodies = [{"conversations": [{"messages": [*prompt, {"role": "assistant", "content": f"{n}."}]}]}
+              for n in (2, 3, 5, 7, 11, 13, 17, 19)]
+    key = affinity_key(ScoreRequest.model_validate(bodies[0]))
+
+    async def group() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=scaled_app, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/score", json=body) for body in bodies))
+
+    assert all(r.status_code == 200 for r in asyncio.run(group()))
+    routers = serve.get_deployment_handle("Router", app_name="scaled")
+    home = routers.routed_requests.remote(affinity_key=key).result()
+    assert home["requests"][key] == len(bodies)
+    for probe in range(64):  # a key whose home is the other router
+        other = routers.routed_requests.remote(affinity_key=f"probe-{probe}").result()
+        if other["replica_id"] != home["replica_id"]:
+            break
+    assert other["replica_id"] != home["replica_id"]
+    assert key not in other["requests"]
 
 
 def test_a_router_replica_killed_while_the_other_serves(scaled_app):
