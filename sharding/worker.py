@@ -14,8 +14,8 @@ Under sequence parallelism (`parallel.sequence_parallel`) a stage's output is ea
 tokens; each rank sends its own slice to the same TP rank of the next stage, which continues from it (the
 scatter-gather of `sharding.p2p` is then not used: the slices are already 1/TP).
 
-At setup a worker whose layout compiles (forest rows with flex attention on CUDA) runs one max-size row
-(`sharding.warmup`) and logs the time, so no request pays the compilation.
+At setup a CUDA worker runs two micro-batches of its layout, the first max-size (`sharding.warmup`), and logs
+the time: flex attention and megatron-core's fused activations compile there, so no request pays for it.
 
 With `runtime.device: simulated` the stage is a `sharding.simulated.SimulatedStage` instead of the model:
 no weights are read and nothing is computed; the same loop, receives and sends carry its small stand-in
@@ -86,14 +86,15 @@ class ModelWorker:
                                       sequence_parallel=self.parallel.sequence_parallel)
             load_checkpoint_into(open_checkpoint(self.checkpoint_path), model)
             self.stage = ModelStage(model, self.arch, self.runtime, self.parallel)
-            self.warm_up_s = warm_up(self.stage, self.parallel, self.runtime, first_stage=self.pp_rank == 0)
+            self.warm_up_s = warm_up(self.stage, self.parallel, first_stage=self.pp_rank == 0)
             if self.warm_up_s is not None:
-                print(f"rank {self.rank}: warm-up (compiles flex attention) took {self.warm_up_s:.1f} s on a "
-                      f"{self.parallel.max_tokens_per_micro_batch}-token row", flush=True)
+                print(f"rank {self.rank}: warm-up (torch.compile of flex attention and megatron-core's fused "
+                      f"activations) took {self.warm_up_s:.1f} s on {self.parallel.batch_layout} micro-batches of "
+                      f"up to {self.parallel.max_tokens_per_micro_batch} tokens", flush=True)
         return self.rank
 
     def warm_up_seconds(self) -> float | None:
-        """Seconds the setup's warm-up took; None when the layout compiles nothing."""
+        """Seconds the setup's warm-up took; None on a device that does not warm up (CPU)."""
         return getattr(self, "warm_up_s", None)
 
     def ping(self) -> int:

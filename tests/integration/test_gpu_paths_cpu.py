@@ -168,3 +168,37 @@ def test_forward_loop_waits_for_the_device_only_after_its_last_micro_batch(refer
     assert [c[0] for c in calls] == ["cpu", "numpy"] and not sends
     want = np.concatenate([reference_scorer.score([batch[i]]) for i in order])
     assert np.abs(rewards - want).max() <= TOL
+
+
+def test_warm_up_compiles_so_no_request_does(reference_scorer, tokenizer, monkeypatch):
+    """CUDA's compiled path, here compiled on CPU for rows of one 128-token block (torch 2.13's CPU flex
+    template fails to compile longer rows with dynamic shapes, sharding/layers.py): the setup's warm-up
+    (`sharding.warmup.warm_up`, max-size row first) compiles flex attention and megatron-core's squared ReLU;
+    rows of other lengths then compile nothing, and still equal each sequence scored alone."""
+    from torch._dynamo.utils import counters
+
+    from sharding import layers, warmup
+    from sharding.worker import ModelStage, forward_micro_batches
+
+    parallel = ParallelConfig(max_tokens_per_micro_batch=128)
+    runtime = RuntimeConfig(forest_attention="flex")
+    stage = ModelStage(reference_scorer.model, reference_scorer.arch, runtime, parallel)
+    assert warmup.warm_up(stage, parallel, first_stage=True) is None  # CPU: no warm-up by default
+    monkeypatch.setattr(layers, "COMPILE_FLEX_ON", {"cuda", "cpu"})
+    monkeypatch.setattr(layers, "_flex_kernels", {})
+    monkeypatch.setattr(warmup, "WARM_UP_ON", {"cuda", "cpu"})
+    assert [mb.num_tokens for mb in warmup.warm_up_micro_batches(parallel)] == [128, 65, 100]
+    graphs = counters["stats"]["unique_graphs"]
+    seconds = warmup.warm_up(stage, parallel, first_stage=True)
+    compiled = counters["stats"]["unique_graphs"] - graphs
+    print(f"warm-up (three rows, compiled flex on CPU): {seconds:.1f} s, {compiled} graphs")
+    assert seconds > 0 and compiled >= 2
+    rng = random.Random(4)
+    batch = [t[:120] for t in token_ids(tokenizer, best_of_n_body(rng, 3))] + [list(range(5, 60))]
+    micro_batches, order = plan_micro_batches(batch, parallel)
+    assert {mb.num_tokens for mb in micro_batches}.isdisjoint({128, 65, 100})
+    graphs = counters["stats"]["unique_graphs"]
+    rewards, _ = forward_micro_batches(stage, micro_batches, parallel, [])
+    assert counters["stats"]["unique_graphs"] == graphs, "a request compiled after the warm-up"
+    want = np.concatenate([reference_scorer.score([batch[i]]) for i in order])
+    assert np.abs(rewards - want).max() <= TOL
