@@ -14,7 +14,10 @@ times out still leaves the others' results. Phases:
                every batch layout; zarr vs torch_dist on CUDA; HF Llama / Nemotron parity with
                transformers in bf16); with --dry-run `--tier-device cpu`. Counts and per-test outcomes.
   benchmark    `bench.gpu_speed`: the engine (padded and forest layouts) beside transformers (arrival order
-               and length-sorted) on the Nemotron-15B-like shape, same sequences, same process.
+               and length-sorted) on the Nemotron-15B-like shape, same sequences, same process; MFU from
+               `sharding.cost_model.stage_cost` (the simulated accelerator's accounting); the setup warm-up's
+               time per layout; flex attention against dense masked SDPA on the forest rows; sequence
+               parallelism recorded as not run (one GPU is TP1; it is checked at TP2 on CPU).
 
 The parent exits 1 if any phase fails (non-zero exit, time limit, a failed test, missing keys), else 0.
 The keys of every phase's result are listed once below (`RESULT_KEYS`); the GPU run and the dry run write
@@ -59,7 +62,8 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
     "gpu_tests": ("command", "passed", "failed", "errors", "skipped", "tests"),
     "benchmark": ("device", "dtype", "shape", "nseq", "length_range", "lengths", "real_tokens", "micro_batching",
                   "matmul_n", "matmul_tflops", "flop_formula", "systems", "forest_vs_padded_max_abs_diff",
-                  "engine_padded_over_transformers_sorted", "engine_forest_over_transformers_sorted"),
+                  "engine_padded_over_transformers_sorted", "engine_forest_over_transformers_sorted", "warm_up_s",
+                  "flex_vs_dense_max_abs_diff", "sequence_parallel"),
 }
 PHASE_KEYS = ("ok", "rc", "wall_s", "timeout_s", "error", "output_tail", "result")
 HEADLINE_KEYS = ("gpu_name", "torch_version", "cuda_version", "matmul_tflops", "engine_padded_mfu",

@@ -27,9 +27,16 @@ peak-memory count:
                         micro-batches of 16 in arrival order, right-padded, with an attention mask;
   transformers_sorted   the same, batches sorted by length exactly as the engine's padded layout.
 
+Before each engine layout's passes, the worker's setup warm-up (`sharding.warmup`, CUDA only: null on the dry
+run) is timed (`warm_up_s`); after them, the forest layout runs once more with flex attention and once with
+dense masked SDPA (`flex_vs_dense_max_abs_diff`). Sequence parallelism needs TP > 1: not run on one GPU
+(`sequence_parallel` says so).
+
 Timing: 1 warm-up and 3 timed passes over all 48 sequences, median. tokens/s counts real tokens only.
-TFLOP/s uses `model_flops` (real tokens only); MFU divides it by a bf16 matmul ceiling measured in the
-same process (8192^3, 3 warm-up, 10 timed, median). Peak memory: torch.cuda.max_memory_allocated from the
+TFLOP/s counts the useful FLOPs: `sharding.cost_model.stage_cost` (the one accounting, which the simulated
+accelerator uses too) of each sequence alone at TP1 PP1 (`padded_work([n])`: real tokens, causal attention,
+the reward head), so padding and repeated prefixes earn nothing; MFU divides it by a matmul ceiling measured in
+the same process (8192^3, 3 warm-up, 10 timed, median). Peak memory: torch.cuda.max_memory_allocated from the
 start of its passes (weights included) to their end.
 """
 
@@ -66,24 +73,38 @@ def forest_layout_available() -> bool:
 
     return "batch_layout" in ParallelConfig.model_fields
 
+SEQUENCE_PARALLEL_NOTE = (
+    "not run: one GPU is TP1, and megatron-core refuses sequence_parallel without tensor parallelism (so does "
+    "parallel.sequence_parallel); SP on vs off is checked at TP2 and TP2xPP2 on CPU with gloo "
+    "(tests/integration/test_gpu_paths_cpu.py), its saving estimated by sharding.cost_model.sequence_parallel_saving")
 SEED = 0
 WARMUP_PASSES = 1
 TIMED_PASSES = 3
-FLOP_FORMULA = "sum over sequences of 2L(2h^2 + 2h*kv_dim + 2h*ffn)*n + 2L*h*n^2 (real tokens only)"
+FLOP_FORMULA = ("sharding.cost_model.stage_cost(arch, padded_work([n]), tp=1, pp=1, stage=0).flops summed over "
+                "the sequences (each alone: real tokens only)")
 
 
 def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def model_flops(shape: dict[str, int], lengths: Sequence[int]) -> float:
-    """2 FLOPs per multiply-add over the Q and output projections (h x h each), K and V (h x kv_dim each)
-    and the 2-matrix squared-ReLU MLP per token, plus causal attention (QK^T and AV at half the square,
-    2*L*h*n^2 per sequence). The embedding lookup and the 9-output head are not counted."""
-    h, layers, f = shape["hidden_size"], shape["num_layers"], shape["ffn_hidden_size"]
-    kv_dim = h // shape["num_attention_heads"] * shape["num_query_groups"]
-    per_token = 2 * layers * (2 * h * h + 2 * h * kv_dim + 2 * h * f)
-    return float(sum(per_token * n + 2 * layers * h * n * n for n in lengths))
+def bench_arch(shape: dict[str, int]):
+    """The benchmark's ModelArchConfig: Nemotron-4's layer shape at `shape`'s sizes."""
+    from configs.model import ModelArchConfig, TokenizerRef
+
+    return ModelArchConfig(**shape, kv_channels=None, normalization="layernorm1p", layernorm_epsilon=1e-5,
+                           activation="squared-relu", position_embedding_type="rope", rotary_percentage=0.5,
+                           rotary_base=10000, bias=False, share_embeddings_and_output_weights=False,
+                           max_position_embeddings=4096, num_attributes=9, rm_head_bias=True,
+                           tokenizer=TokenizerRef(library="sentencepiece", model="nemo:unused.model"))
+
+
+def useful_flops(arch, lengths: Sequence[int], dtype_bytes: int) -> float:
+    """FLOPs of scoring each sequence alone, from the project's one cost accounting."""
+    from sharding.cost_model import padded_work, stage_cost
+
+    return float(sum(stage_cost(arch, padded_work([n]), tp=1, pp=1, stage=0, dtype_bytes=dtype_bytes).flops
+                     for n in lengths))
 
 
 def workload(lo: int, hi: int, vocab: int) -> list[list[int]]:
@@ -137,10 +158,11 @@ def padded_batches(token_lists: Sequence[Sequence[int]], groups: Sequence[np.nda
 class Bench:
     """Times systems on one device and collects their entries (the keys of bench.gpu_check.SYSTEM_KEYS)."""
 
-    def __init__(self, device: torch.device, shape: dict[str, int], token_lists: list[list[int]]):
+    def __init__(self, device: torch.device, shape: dict[str, int], token_lists: list[list[int]], dtype_bytes: int):
         self.device, self.shape, self.token_lists = device, shape, token_lists
         self.lengths = [len(t) for t in token_lists]
-        self.flops = model_flops(shape, self.lengths)
+        self.arch = bench_arch(shape)
+        self.flops = useful_flops(self.arch, self.lengths, dtype_bytes)
         self.matmul_tflops: float | None = None
         self.rewards: dict[str, np.ndarray] = {}
 
@@ -188,17 +210,39 @@ class Bench:
         return entry
 
 
-def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], None]) -> None:
-    from configs.model import ModelArchConfig, TokenizerRef
+def warm_up_stage(model, arch, runtime, layout: str) -> float | None:
+    """The worker's setup warm-up (`sharding.warmup`) of this layout: seconds, None where it does not run (CPU)."""
+    from configs.service import ParallelConfig
+    from sharding.warmup import warm_up
+    from sharding.worker import ModelStage
+
+    parallel = ParallelConfig(batch_layout=layout, max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH)
+    seconds = warm_up(ModelStage(model, arch, runtime, parallel), parallel, first_stage=True)
+    return None if seconds is None else round(seconds, 2)
+
+
+def flex_vs_dense(model, runtime, bench: Bench) -> float:
+    """Max abs difference of the forest layout's rewards with flex attention against dense masked SDPA."""
+    rewards = {}
+    micro_batches, _ = engine_plan(bench.token_lists, "forest")
+    for kernel in ("flex", "dense"):
+        kernel_runtime = runtime.model_copy(update={"forest_attention": kernel})
+        outs = []
+        with torch.no_grad():
+            for micro_batch in micro_batches:
+                ids, kwargs = engine_inputs(micro_batch, kernel_runtime, bench.device)
+                outs.append(model(ids, **kwargs))
+        rewards[kernel] = torch.cat(outs).float().cpu().numpy()
+    return float(np.abs(rewards["flex"] - rewards["dense"]).max())
+
+
+def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], None], warm: dict,
+                   flex_dense: list) -> None:
     from configs.service import RuntimeConfig
     from sharding.model import build_stage_model
     from sharding.process_group import destroy_model_parallel, free_port, init_model_parallel
 
-    arch = ModelArchConfig(**settings["shape"], kv_channels=None, normalization="layernorm1p", layernorm_epsilon=1e-5,
-                           activation="squared-relu", position_embedding_type="rope", rotary_percentage=0.5,
-                           rotary_base=10000, bias=False, share_embeddings_and_output_weights=False,
-                           max_position_embeddings=4096, num_attributes=9, rm_head_bias=True,
-                           tokenizer=TokenizerRef(library="sentencepiece", model="nemo:unused.model"))
+    arch = bench.arch
     runtime = RuntimeConfig(device=settings["device"], dtype=settings["dtype"], backend=settings["backend"],
                             gpus_per_node=1 if settings["device"] == "cuda" else 0)
     init_model_parallel(runtime, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), tp=1, pp=1)
@@ -211,6 +255,7 @@ def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], N
         for layout in ("padded", "forest"):
             name = f"engine_{layout}"
             micro_batches, order = engine_plan(bench.token_lists, layout)
+            warm[layout] = warm_up_stage(model, arch, runtime, layout)
 
             def forward(micro_batches=micro_batches, order=order) -> np.ndarray:  # ModelWorker.forward, one stage
                 outs = []
@@ -225,6 +270,7 @@ def engine_systems(bench: Bench, settings: dict, record: Callable[[str, dict], N
 
             computed = sum(micro_batch_tokens(mb) for mb in micro_batches)
             record(name, bench.measure(name, forward, computed, build_s))
+        flex_dense[0] = flex_vs_dense(model, runtime, bench)
         del model
     finally:
         destroy_model_parallel()
@@ -296,7 +342,10 @@ def run_benchmark(dry_run: bool, write: Callable[[dict], None]) -> bool:
         raise SystemExit(f"CUDA is not available to torch {torch.__version__}; use --dry-run on a CPU")
     device = torch.device("cuda", torch.cuda.current_device()) if settings["device"] == "cuda" else torch.device("cpu")
     lo, hi = settings["length_range"]
-    bench = Bench(device, settings["shape"], workload(lo, hi, settings["shape"]["padded_vocab_size"]))
+    from configs.service import DTYPE_BYTES
+
+    bench = Bench(device, settings["shape"], workload(lo, hi, settings["shape"]["padded_vocab_size"]),
+                  DTYPE_BYTES[settings["dtype"]])
     ceiling = bench.ceiling(settings["matmul_n"], DTYPES[settings["dtype"]])
     print(f"{torch.cuda.get_device_name() if settings['device'] == 'cuda' else platform.processor() or 'cpu'}: "
           f"matmul {settings['matmul_n']}^3 {settings['dtype']} {ceiling:.1f} TFLOP/s", flush=True)
@@ -310,7 +359,8 @@ def run_benchmark(dry_run: bool, write: Callable[[dict], None]) -> bool:
               "matmul_n": settings["matmul_n"],
               "matmul_tflops": significant(ceiling), "flop_formula": FLOP_FORMULA, "systems": {},
               "forest_vs_padded_max_abs_diff": None, "engine_padded_over_transformers_sorted": None,
-              "engine_forest_over_transformers_sorted": None}
+              "engine_forest_over_transformers_sorted": None, "warm_up_s": None,
+              "flex_vs_dense_max_abs_diff": None, "sequence_parallel": SEQUENCE_PARALLEL_NOTE}
     write(result)
 
     def record(name: str, entry: dict) -> None:
@@ -326,6 +376,9 @@ def run_benchmark(dry_run: bool, write: Callable[[dict], None]) -> bool:
     # transformers first, the forest layout (whose flex attention compiles on its first pass) last: a phase
     # that runs out of time still leaves the comparison of what finished.
     transformers_systems(bench, settings, record)
-    engine_systems(bench, settings, record)
+    warm, flex_dense = {}, [None]
+    engine_systems(bench, settings, record, warm, flex_dense)
+    result.update(warm_up_s=warm, flex_vs_dense_max_abs_diff=flex_dense[0])
+    write(result)
     measured = [s for s in result["systems"].values() if "skipped" not in s]
     return "tok_s" in result["systems"]["engine_padded"] and all(s["rewards_finite"] for s in measured)

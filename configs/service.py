@@ -45,10 +45,25 @@ class ParallelConfig(StrictModel):
         description="At pipeline_parallel_size > 1 with tensor_parallel_size > 1, each TP rank sends only its "
                     "1/TP slice of the activation to the next stage, which all-gathers it over its TP group.",
     )
+    sequence_parallel: bool = Field(
+        default=False,
+        description="megatron-core sequence parallelism at tensor_parallel_size > 1: layer norms, residual adds and "
+                    "dropout-free elementwise work run on 1/TP of each micro-batch's tokens, and a reduce-scatter "
+                    "plus an all-gather replace each TP all-reduce. Every micro-batch's token count is padded to a "
+                    "multiple of tensor_parallel_size (the pads never reach a scored token). Refused at TP 1 "
+                    "(there is nothing to split; megatron-core refuses it too).",
+    )
     placement_strategy: Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"] = Field(
         default="STRICT_SPREAD",
         description="Ray placement-group strategy; STRICT_SPREAD puts each pipeline stage on its own node.",
     )
+
+    @model_validator(mode="after")
+    def _check_sequence_parallel(self) -> ParallelConfig:
+        if self.sequence_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("sequence_parallel needs tensor_parallel_size > 1 (it splits the tokens over the TP "
+                             f"ranks); tensor_parallel_size is {self.tensor_parallel_size}")
+        return self
 
     @property
     def world_size(self) -> int:
@@ -131,8 +146,12 @@ class RuntimeConfig(StrictModel):
                              "to simulate, or remove simulated_accelerator")
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("backend nccl needs device cuda; use gloo on cpu")
-        if self.device == "cpu" and self.dtype != "float32":
-            raise ValueError(f"dtype {self.dtype} is not supported on cpu; use float32")
+        # bfloat16 runs on CPU on purpose: it is how the GPU's dtype path (bf16 parameters and activations, fp32
+        # norms and head, bf16 all-reduces and pipeline sends) is checked without a GPU, against the float32
+        # reference within the bounds README states. float16 stays refused: CPU kernels for it are partial
+        # and slow, and no GPU deployment of this project uses it.
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("dtype float16 is not supported on cpu; use float32 or bfloat16")
         if self.device == "cuda" and self.gpus_per_node < 1:
             raise ValueError("device cuda needs gpus_per_node >= 1")
         return self

@@ -130,6 +130,27 @@ def _build_row(seqs: Sequence[np.ndarray], lcps: Sequence[int]) -> ForestRow:
     )
 
 
+def pad_row(row: ForestRow, multiple: int, pad_id: int = 0) -> ForestRow:
+    """`row` with its node count rounded up to a multiple of `multiple` (sequence parallelism splits the row's
+    tokens evenly over the TP ranks). The pads form one more trie: a chain of `pad_id` tokens at positions
+    0, 1, ... that nothing reads out. A node attends only to its ancestors, so no real node sees a pad, and
+    the pads see only each other: every kernel computes them like any branch (no uninitialised rows)."""
+    p = -row.num_tokens % multiple
+    if p == 0:
+        return row
+    n = row.num_tokens
+    pads = np.arange(n, n + p, dtype=np.int64)
+    return ForestRow(
+        tokens=np.concatenate([row.tokens, np.full(p, pad_id, dtype=np.int64)]),
+        positions=np.concatenate([row.positions, np.arange(p, dtype=np.int64)]),
+        subtree_end=np.concatenate([row.subtree_end, np.full(p, n + p - 1, dtype=np.int64)]),
+        readout=row.readout,
+        branch_starts=np.append(row.branch_starts, n + p),
+        branch_key_starts=np.append(row.branch_key_starts, row.branch_key_starts[-1] + p),
+        branch_keys=np.concatenate([row.branch_keys, pads]),
+    )
+
+
 def build_forest(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batch: int) -> ForestBatch:
     """The batch as prefix tries packed into rows of at most `max_tokens_per_micro_batch` nodes."""
     seqs = _as_arrays(token_batch)

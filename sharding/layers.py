@@ -15,8 +15,14 @@
 * `ForestMask`: that mask for one packed row, built once per micro-batch on each stage from the row's
   numpy metadata, with one of three kernels (`runtime.forest_attention`):
   - `flex`: `torch.nn.attention.flex_attention` with a block mask from `subtree_end`; block sparsity skips
-    the all-masked blocks (other tries, other branches). Compiled with `torch.compile` on CUDA (eager
-    flex attention materializes the scores); runs eagerly on CPU (tests).
+    the all-masked blocks (other tries, other branches). On CUDA both `create_block_mask` and
+    `flex_attention` are wrapped in `torch.compile(dynamic=True)` once per process (the supported way;
+    `create_block_mask(_compile=True)` is deprecated) and reused for every row length; the worker compiles
+    them at setup (`sharding.warmup`). On CPU the same BlockMask and the same flex_attention call run eagerly
+    by default (`COMPILE_FLEX_ON`): torch 2.13's CPU flex template compiles with dynamic shapes only up to
+    256 tokens (longer rows fail in its generated C++: `cur_qSplitSize8` undeclared) and static shapes
+    recompile for every row length (~40 s each on a 2-core machine). tests/unit/test_flex_compile.py
+    compiles it on CPU for rows up to 256 tokens.
   - `branches`: one SDPA call per branch (the nodes one sequence adds) over the keys it may see (its
     ancestors, then itself, bottom-right causal): the attention work of scoring each sequence alone
     minus its shared prefix. The CPU path. A boolean mask sends CPU SDPA to its math kernel, which
@@ -30,6 +36,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -37,19 +44,39 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sharding.forest import ForestRow
 
-_compiled_flex_attention = None
+COMPILE_FLEX_ON = {"cuda"}  # device types whose flex kernels are compiled (see the module docstring for CPU)
+_flex_kernels: dict[bool, tuple] = {}  # compiled? -> (create_block_mask, flex_attention), built once per process
 
 
-def _flex_attention(device: torch.device):
-    """flex_attention, compiled once per process on CUDA (dynamic shapes: every row has its own length)."""
-    global _compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
+def flex_kernels(device: torch.device) -> tuple:
+    """(create_block_mask, flex_attention) for `device`: each wrapped once per process in
+    `torch.compile(dynamic=True)` where `COMPILE_FLEX_ON` says so (every row has its own length), else eager."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if device.type != "cuda":
-        return flex_attention
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex_attention
+    compiled = device.type in COMPILE_FLEX_ON
+    if compiled not in _flex_kernels:
+        _flex_kernels[compiled] = ((torch.compile(create_block_mask, dynamic=True),
+                                    torch.compile(flex_attention, dynamic=True)) if compiled
+                                   else (create_block_mask, flex_attention))
+    return _flex_kernels[compiled]
+
+
+def forest_mask_mod(subtree_end: torch.Tensor):
+    """flex_attention's mask_mod of a forest row: k <= q <= subtree_end[k]. One code object for every row, so
+    the compiled kernels are reused (the row's tensor is an input of the graph, not a constant)."""
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (q <= subtree_end[kv])
+
+    return mask_mod
+
+
+def device_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: on CUDA through pinned memory, copied non_blocking (the copy is queued on the
+    current stream; nothing waits for the GPU); on CPU the array's own memory, no copy."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 class ForestMask:
@@ -59,9 +86,9 @@ class ForestMask:
         self.kernel = kernel
         n = row.num_tokens
         if kernel == "dense":
-            self.allowed = torch.from_numpy(row.allowed()).to(device)
+            self.allowed = device_tensor(row.allowed(), device)
         elif kernel == "branches":
-            keys = torch.from_numpy(row.branch_keys).to(device)
+            keys = device_tensor(row.branch_keys, device)
             self.branches = []
             for j in range(len(row.branch_starts) - 1):
                 q0, q1 = int(row.branch_starts[j]), int(row.branch_starts[j + 1])
@@ -75,16 +102,10 @@ class ForestMask:
                         <= shared + torch.arange(q1 - q0, device=device)[:, None])
                 self.branches.append((q0, q1, keys[k0:k1], mask, 0))
         elif kernel == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            subtree_end = torch.from_numpy(row.subtree_end).to(device)
-
-            def mask_mod(b, h, q, kv):
-                return (kv <= q) & (q <= subtree_end[kv])
-
-            self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device,
-                                                _compile=device.type == "cuda")
-            self.flex = _flex_attention(device)
+            create_block_mask, self.flex = flex_kernels(device)
+            subtree_end = device_tensor(row.subtree_end, device)
+            self.block_mask = create_block_mask(forest_mask_mod(subtree_end), B=None, H=None, Q_LEN=n, KV_LEN=n,
+                                                device=device)
         else:
             raise ValueError(f"unknown forest attention kernel {kernel!r}")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from configs.service import ParallelConfig
-from sharding.forest import ForestRow, build_forest
+from sharding.forest import ForestRow, build_forest, pad_row
 
 MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded), lengths int64 [b]
 
@@ -76,14 +76,33 @@ def make_padded_micro_batches(token_batch: Sequence[Sequence[int]], max_tokens_p
     return _padded(token_batch, groups, pad_id), np.concatenate(groups)
 
 
+def token_multiple(parallel: ParallelConfig) -> int:
+    """What every micro-batch's token count (per row) must be a multiple of: the TP size under sequence
+    parallelism (megatron-core splits the sequence evenly over the TP ranks), else 1."""
+    return parallel.tensor_parallel_size if parallel.sequence_parallel else 1
+
+
+def pad_padded(micro_batch: MicroBatch, multiple: int, pad_id: int = 0) -> MicroBatch:
+    """A right-padded micro-batch with its length rounded up to `multiple`: more right padding, which causal
+    attention keeps from every scored position."""
+    tokens, lengths = micro_batch
+    extra = -tokens.shape[1] % multiple
+    if extra == 0:
+        return micro_batch
+    return np.pad(tokens, ((0, 0), (0, extra)), constant_values=pad_id), lengths
+
+
 def plan_micro_batches(token_batch: Sequence[Sequence[int]], parallel: ParallelConfig
                        ) -> tuple[list[MicroBatch] | list[ForestRow], np.ndarray]:
     """The engine's micro-batches for `parallel.batch_layout` and `order`: output row r is the sequence
-    `order[r]` of the batch (rows of all micro-batches concatenated)."""
+    `order[r]` of the batch (rows of all micro-batches concatenated). Under sequence parallelism each
+    micro-batch is padded to a multiple of the TP size (`token_multiple`); pads are never read out."""
+    multiple = token_multiple(parallel)
     if parallel.batch_layout == "forest":
         forest = build_forest(token_batch, parallel.max_tokens_per_micro_batch)
-        return forest.rows, forest.order
-    return make_padded_micro_batches(token_batch, parallel.max_tokens_per_micro_batch)
+        return [pad_row(row, multiple) for row in forest.rows], forest.order
+    micro_batches, order = make_padded_micro_batches(token_batch, parallel.max_tokens_per_micro_batch)
+    return [pad_padded(mb, multiple) for mb in micro_batches], order
 
 
 def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
@@ -95,9 +114,11 @@ def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
 
 def computed_tokens(token_batch: Sequence[Sequence[int]], parallel: ParallelConfig) -> int:
     """Tokens the engine computes for one batch with the configured layout (padding and repeated prefixes
-    included)."""
+    included, and the sequence-parallel pads of `token_multiple`)."""
+    m = token_multiple(parallel)
     if parallel.batch_layout == "forest":
-        return build_forest(token_batch, parallel.max_tokens_per_micro_batch).computed_tokens
+        rows = build_forest(token_batch, parallel.max_tokens_per_micro_batch).rows
+        return int(sum(-(-row.num_tokens // m) * m for row in rows))
     lengths = _check_lengths(token_batch)
     groups, _ = budget_groups(lengths, parallel.max_tokens_per_micro_batch)
-    return int(sum(lengths[idx].max() * len(idx) for idx in groups))
+    return int(sum(-(-int(lengths[idx].max()) // m) * m * len(idx) for idx in groups))

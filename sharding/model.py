@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from configs.model import ModelArchConfig
 from configs.service import RuntimeConfig
 from sharding.forest import ForestRow
-from sharding.layers import ForestMask, Norm, SDPACoreAttention
+from sharding.layers import ForestMask, Norm, SDPACoreAttention, device_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {"squared-relu": squared_relu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu,
@@ -45,9 +45,9 @@ class ForestInputs:
     @classmethod
     def from_row(cls, row: ForestRow, runtime: RuntimeConfig, device: torch.device) -> ForestInputs:
         return cls(
-            position_ids=torch.from_numpy(row.positions).view(1, -1).to(device),
+            position_ids=device_tensor(row.positions, device).view(1, -1),
             mask=ForestMask(row, forest_kernel(runtime), device),
-            readout=torch.from_numpy(row.readout).to(device),
+            readout=device_tensor(row.readout, device),
         )
 
 
@@ -69,16 +69,18 @@ def micro_batch_shape(micro_batch) -> tuple[int, int]:
 def micro_batch_inputs(micro_batch, runtime: RuntimeConfig, device: torch.device, first_stage: bool
                        ) -> tuple[torch.Tensor | None, dict]:
     """(input ids on the first stage else None, model kwargs) of one micro-batch: a ForestRow or a padded
-    `(tokens [b, s], lengths [b])`."""
+    `(tokens [b, s], lengths [b])`. On CUDA every array goes through pinned memory, copied non_blocking: no
+    host-device copy here waits for the GPU."""
     if isinstance(micro_batch, ForestRow):
-        ids = torch.from_numpy(micro_batch.tokens).view(1, -1).to(device) if first_stage else None
+        ids = device_tensor(micro_batch.tokens, device).view(1, -1) if first_stage else None
         return ids, {"forest": ForestInputs.from_row(micro_batch, runtime, device)}
     tokens, lengths = micro_batch
-    ids = torch.from_numpy(tokens).to(device) if first_stage else None
-    return ids, {"lengths": torch.from_numpy(lengths).to(device)}
+    ids = device_tensor(tokens, device) if first_stage else None
+    return ids, {"lengths": device_tensor(lengths, device)}
 
 
-def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int) -> TransformerConfig:
+def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int,
+                       sequence_parallel: bool = False) -> TransformerConfig:
     dtype = DTYPES[runtime.dtype]
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -104,7 +106,7 @@ def transformer_config(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, p
         fp16=dtype == torch.float16,
         use_cpu_initialization=runtime.device == "cpu",
         perform_initialization=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -147,7 +149,9 @@ class RewardGPTModel(GPTModel):
         self.is_last_stage = post_process
         if post_process:
             self.decoder.final_layernorm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
-            head_config = TransformerConfig(**{**config.__dict__, "params_dtype": torch.float32})
+            # The head reads whole hidden states (gathered over the sequence under SP): no sequence split here.
+            head_config = TransformerConfig(**{**config.__dict__, "params_dtype": torch.float32,
+                                               "sequence_parallel": False})
             self.rm_head = tensor_parallel.RowParallelLinear(
                 config.hidden_size,
                 arch.num_attributes,
@@ -173,9 +177,17 @@ class RewardGPTModel(GPTModel):
         hidden = super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
         if not self.is_last_stage:
             return hidden
+        hidden = self._whole_sequence(hidden)
         last = hidden[lengths - 1, torch.arange(hidden.shape[1], device=hidden.device)]
         rewards, _ = self.rm_head(last.float())
         return rewards
+
+    def _whole_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last stage's final hidden states over the whole sequence: under sequence parallelism each TP rank
+        holds 1/TP of the tokens (the final norm ran on them), all-gathered here once for the readout."""
+        if not self.config.sequence_parallel:
+            return hidden
+        return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
 
     def _forward_forest(self, input_ids: torch.Tensor | None, forest: ForestInputs) -> torch.Tensor:
         decoder_input = None
@@ -187,14 +199,17 @@ class RewardGPTModel(GPTModel):
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=forest.mask, rotary_pos_emb=rotary)
         if not self.is_last_stage:
             return hidden
-        # One head call per scored sequence: the [1, H] x [H, A] product it gets when scored alone (a
-        # [k, H] product rounds differently with k on CPU BLAS), so the head adds no dependence on batch mates.
-        last = hidden[forest.readout, 0].float()
-        return torch.cat([self.rm_head(last[i:i + 1])[0] for i in range(last.shape[0])])
+        # One gather of every scored node and one head call for the row: one [k, H] x [H, A] product and one TP
+        # all-reduce, not one per sequence. (CPU BLAS may round a [k, H] product differently from the [1, H]
+        # one of a sequence scored alone: last-bit float32 differences, inside the tests' 1e-5.)
+        last = self._whole_sequence(hidden)[forest.readout, 0].float()
+        rewards, _ = self.rm_head(last)
+        return rewards
 
 
-def build_stage_model(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int, pp_rank: int) -> RewardGPTModel:
-    config = transformer_config(arch, runtime, tp, pp)
+def build_stage_model(arch: ModelArchConfig, runtime: RuntimeConfig, tp: int, pp: int, pp_rank: int,
+                      sequence_parallel: bool = False) -> RewardGPTModel:
+    config = transformer_config(arch, runtime, tp, pp, sequence_parallel)
     model = RewardGPTModel(config, arch, pre_process=pp_rank == 0, post_process=pp_rank == pp - 1)
     if runtime.device == "cuda":
         model = model.cuda()

@@ -10,6 +10,13 @@ for the previous call's sends at its end instead. So a stage runs up to one call
 rather than in lock step with it (one more call's activations held; 604 MB at 16k tokens of the 340B in
 bf16). Only the last stage's TP rank 0 returns rewards.
 
+Under sequence parallelism (`parallel.sequence_parallel`) a stage's output is each TP rank's 1/TP of the
+tokens; each rank sends its own slice to the same TP rank of the next stage, which continues from it (the
+scatter-gather of `sharding.p2p` is then not used: the slices are already 1/TP).
+
+At setup a CUDA worker runs two micro-batches of its layout, the first max-size (`sharding.warmup`), and logs
+the time: flex attention and megatron-core's fused activations compile there, so no request pays for it.
+
 With `runtime.device: simulated` the stage is a `sharding.simulated.SimulatedStage` instead of the model:
 no weights are read and nothing is computed; the same loop, receives and sends carry its small stand-in
 activations, and it waits the cost model's time per micro-batch.
@@ -73,10 +80,22 @@ class ModelWorker:
 
             self.stage = SimulatedStage(self.arch, self.parallel, self.runtime, self.pp_rank)
         else:
-            model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank)
+            from sharding.warmup import warm_up
+
+            model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank,
+                                      sequence_parallel=self.parallel.sequence_parallel)
             load_checkpoint_into(open_checkpoint(self.checkpoint_path), model)
-            self.stage = ModelStage(model, self.arch, self.runtime)
+            self.stage = ModelStage(model, self.arch, self.runtime, self.parallel)
+            self.warm_up_s = warm_up(self.stage, self.parallel, first_stage=self.pp_rank == 0)
+            if self.warm_up_s is not None:
+                print(f"rank {self.rank}: warm-up (torch.compile of flex attention and megatron-core's fused "
+                      f"activations) took {self.warm_up_s:.1f} s on {self.parallel.batch_layout} micro-batches of "
+                      f"up to {self.parallel.max_tokens_per_micro_batch} tokens", flush=True)
         return self.rank
+
+    def warm_up_seconds(self) -> float | None:
+        """Seconds the setup's warm-up took; None on a device that does not warm up (CPU)."""
+        return getattr(self, "warm_up_s", None)
 
     def ping(self) -> int:
         if self.stage is None:
@@ -86,32 +105,9 @@ class ModelWorker:
     def forward(self, micro_batches: list[MicroBatch] | list[ForestRow]) -> np.ndarray | None:
         """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
         builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
-        import torch
-        from megatron.core import parallel_state
-
-        from sharding.p2p import ActivationReceiver, send_activation
-
-        stage = self.stage
-        first = parallel_state.is_pipeline_first_stage()
-        last = parallel_state.is_pipeline_last_stage()
-        sg = self.parallel.scatter_gather_activations
-        outputs: list[torch.Tensor] = []
-        sends = []
-        shapes = [stage.activation_shape(mb) for mb in micro_batches]
-        receiver = None if first else ActivationReceiver(shapes, stage.activation_dtype, stage.device, sg)
-        with torch.no_grad():
-            for micro_batch in micro_batches:
-                out = stage.run(micro_batch, None if first else receiver.next())
-                if not last:
-                    sends.append(send_activation(out, sg))  # the tensor stays referenced until the send completes
-                elif self.tp_rank == 0:
-                    outputs.append(out)  # stays on the device: one copy to host at the end, not one per micro-batch
-            for _, req in self._previous_sends:  # the call before's: the next stage has started this one
-                req.wait()
-            self._previous_sends = sends
-        if last and self.tp_rank == 0:
-            return torch.cat(outputs).float().cpu().numpy()
-        return None
+        rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
+                                                              self._previous_sends)
+        return rewards
 
     def simulated_stats(self, reset: bool = False) -> dict[str, float]:
         """A simulated stage's modelled busy seconds, micro-batches and wall seconds (then zeroed if `reset`)."""
@@ -123,10 +119,45 @@ class ModelWorker:
         return stats
 
 
-class ModelStage:
-    """One rank's stage of the real model: the activation it receives and sends is [seq, batch, hidden]."""
+def forward_micro_batches(stage, micro_batches: list, parallel: ParallelConfig, previous_sends: list
+                          ) -> tuple[np.ndarray | None, list]:
+    """One call's pipeline step on this rank: (rewards on the last stage's TP rank 0 else None, this call's
+    sends). Nothing in the loop waits for the device: inputs are copied non_blocking (`sharding.model.
+    micro_batch_inputs`), rewards stay on the device, and the one copy to the host (`.cpu()`) comes after the
+    last micro-batch (tests/unit/test_forward_loop_syncs.py counts them)."""
+    import torch
+    from megatron.core import parallel_state
 
-    def __init__(self, model, arch: ModelArchConfig, runtime: RuntimeConfig):
+    from sharding.p2p import ActivationReceiver, send_activation
+
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    reads_out = last and parallel_state.get_tensor_model_parallel_rank() == 0
+    # Under SP a stage's output is already this rank's 1/TP of the tokens: sent as it is, no scatter-gather.
+    sg = parallel.scatter_gather_activations and not parallel.sequence_parallel
+    outputs: list[torch.Tensor] = []
+    sends = []
+    shapes = [stage.activation_shape(mb) for mb in micro_batches]
+    receiver = None if first else ActivationReceiver(shapes, stage.activation_dtype, stage.device, sg)
+    with torch.no_grad():
+        for micro_batch in micro_batches:
+            out = stage.run(micro_batch, None if first else receiver.next())
+            if not last:
+                sends.append(send_activation(out, sg))  # the tensor stays referenced until the send completes
+            elif reads_out:
+                outputs.append(out)  # stays on the device: one copy to host at the end, not one per micro-batch
+        for _, req in previous_sends:  # the call before's: the next stage has started this one
+            req.wait()
+    if reads_out:
+        return torch.cat(outputs).float().cpu().numpy(), sends
+    return None, sends
+
+
+class ModelStage:
+    """One rank's stage of the real model: the activation it receives and sends is [seq, batch, hidden], or
+    [seq / TP, batch, hidden] (this rank's tokens) under sequence parallelism."""
+
+    def __init__(self, model, arch: ModelArchConfig, runtime: RuntimeConfig, parallel: ParallelConfig):
         import torch
 
         from sharding.model import DTYPES
@@ -134,6 +165,7 @@ class ModelStage:
         self.model = model
         self.arch = arch
         self.runtime = runtime
+        self.split = parallel.tensor_parallel_size if parallel.sequence_parallel else 1
         self.first = model.pre_process
         self.activation_dtype = DTYPES[runtime.dtype]
         self.device = (torch.device("cuda", torch.cuda.current_device()) if runtime.device == "cuda"
@@ -142,7 +174,8 @@ class ModelStage:
     def activation_shape(self, micro_batch) -> tuple[int, int, int]:
         from sharding.model import micro_batch_shape
 
-        return (*micro_batch_shape(micro_batch), self.arch.hidden_size)
+        seq, batch = micro_batch_shape(micro_batch)
+        return seq // self.split, batch, self.arch.hidden_size
 
     def run(self, micro_batch, hidden):
         """The stage's forward of one micro-batch: hidden states [S, B, H], or rewards on the last stage."""

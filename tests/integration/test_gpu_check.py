@@ -55,6 +55,12 @@ def test_dry_run_writes_every_key_of_the_gpu_run(tmp_path):
             assert system["computed_tokens"] >= bench["real_tokens"]
         assert math.isclose(system["mfu"], system["tflops"] / bench["matmul_tflops"], rel_tol=0.01)
         assert report[f"{name}_mfu"] == system["mfu"]
+    assert set(bench["warm_up_s"]) == {"padded", "forest"}  # timed per layout (CUDA only: null here)
+    assert all(v is None for v in bench["warm_up_s"].values())
+    if forest:
+        assert 0 <= bench["flex_vs_dense_max_abs_diff"] <= 1e-5  # float32 on CPU
+    assert bench["sequence_parallel"].startswith("not run: one GPU is TP1")
+    assert "sharding.cost_model.stage_cost" in bench["flop_formula"]
     for layout in ("padded", "forest"):
         key = f"engine_{layout}_over_transformers_sorted"
         expected = (round(bench["systems"][f"engine_{layout}"]["tok_s"]

@@ -251,10 +251,17 @@ def test_cpu_with_nccl_rejected():
         RuntimeConfig(device="cpu", backend="nccl")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_cpu_with_half_precision_rejected(dtype):
-    with pytest.raises(ValidationError, match=f"dtype {dtype} is not supported on cpu"):
-        RuntimeConfig(device="cpu", dtype=dtype)
+def test_cpu_takes_bfloat16_but_not_float16():
+    assert RuntimeConfig(device="cpu", dtype="bfloat16").dtype == "bfloat16"  # the GPU dtype path, checked on CPU
+    with pytest.raises(ValidationError, match="dtype float16 is not supported on cpu"):
+        RuntimeConfig(device="cpu", dtype="float16")
+
+
+def test_sequence_parallel_needs_tensor_parallelism():
+    assert not ParallelConfig().sequence_parallel
+    assert ParallelConfig(tensor_parallel_size=2, sequence_parallel=True).sequence_parallel
+    with pytest.raises(ValidationError, match="sequence_parallel needs tensor_parallel_size > 1"):
+        ParallelConfig(tensor_parallel_size=1, sequence_parallel=True)
 
 
 def test_cuda_needs_gpus():

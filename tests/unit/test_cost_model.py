@@ -133,3 +133,36 @@ def test_simulated_device_is_explicit():
         RuntimeConfig(device="cpu", simulated_accelerator="h200")
     assert RuntimeConfig().device == "cpu"  # never the default
     assert simulated("h200", 8, 1).device_label == "simulated:h200"
+
+
+def test_sequence_parallel_accounting():
+    """Under SP the norms and residual adds run on 1/TP of the rows, each rank sends its 1/TP of the tokens
+    with nothing to all-gather, the last stage all-gathers once for the readout, and the head is one
+    all-reduce per micro-batch; the same all-reduce bytes otherwise (reduce-scatter + all-gather)."""
+    a = arch()  # hidden 8, 2 layers
+    work = cm.MicroBatchWork(rows=10, attention_pairs=55, sequences=3)
+    off = [cm.stage_cost(a, work, tp=2, pp=2, stage=s, dtype_bytes=2) for s in (0, 1)]
+    on = [cm.stage_cost(a, work, tp=2, pp=2, stage=s, dtype_bytes=2, sequence_parallel=True) for s in (0, 1)]
+    activation = 10 * 8 * 2
+    # stage 0 (1 layer): 2 norms of (2*2 + 16) bytes and 2 residual adds of 3*2 bytes per element
+    assert off[0].elementwise_bytes_per_gpu == 10 * 8 * (2 * 20 + 2 * 6)
+    assert on[0].elementwise_bytes_per_gpu == off[0].elementwise_bytes_per_gpu / 2
+    assert off[1].elementwise_bytes_per_gpu == 10 * 8 * (3 * 20 + 2 * 6)  # + the final norm
+    assert (off[0].send_bytes_per_gpu, off[0].allgather_bytes) == (activation / 2, activation)
+    assert (on[0].send_bytes_per_gpu, on[0].allgather_bytes) == (activation / 2, 0.0)
+    assert on[0].allreduce_bytes_per_gpu == off[0].allreduce_bytes_per_gpu == 2 * activation
+    assert on[1].allreduce_bytes_per_gpu == off[1].allreduce_bytes_per_gpu + activation
+    assert (off[1].head_allreduces, on[1].head_allreduces, off[0].head_allreduces) == (1, 1, 0)
+    assert on[0].flops == off[0].flops
+
+
+def test_sequence_parallel_saving_at_the_340b_shape():
+    """One 8192-token row of four 2,048-token conversations on a TP8 x PP2 stage of H100s: SP and the
+    one-GEMM head take ~16% off the stage (norms ~123 ms of ~778 ms)."""
+    a = arch(**NEMOTRON_340B)
+    work = cm.MicroBatchWork(rows=8192, attention_pairs=4 * 2048 * 2049 // 2, sequences=4)
+    for stage in (0, 1):
+        saving = cm.sequence_parallel_saving(a, ACCELERATORS["h100-sxm"], work, tp=8, pp=2, stage=stage,
+                                             dtype_bytes=2)
+        assert saving["elementwise_saved_s"] == pytest.approx(0.123, abs=0.002)
+        assert saving["saved_share"] == pytest.approx(0.158, abs=0.005)

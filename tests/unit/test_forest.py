@@ -166,3 +166,26 @@ def test_forest_attention_equals_each_sequence_alone(kernel):
         q, k, v = qkv(torch.tensor(batch[i]))
         alone = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         torch.testing.assert_close(out[0, :, row.readout[r]], alone[0, :, -1], atol=1e-6, rtol=0)
+
+
+def test_sequence_parallel_pads_rows_to_a_multiple_of_tp_without_touching_real_nodes():
+    from sharding.forest import pad_row
+
+    batch = [[1, 2, 3], [1, 2, 4], [5]]
+    row, _ = only_row(batch)  # 5 nodes
+    padded = pad_row(row, 4)
+    assert padded.num_tokens == 8 and pad_row(row, 5) is row
+    assert padded.tokens[5:].tolist() == [0, 0, 0] and padded.positions[5:].tolist() == [0, 1, 2]
+    allowed = padded.allowed()
+    assert (allowed[:5, :5] == row.allowed()).all()
+    assert not allowed[:5, 5:].any() and not allowed[5:, :5].any()  # no real node sees a pad, nor the reverse
+    assert padded.readout.tolist() == row.readout.tolist()
+    keys = padded.branch_keys[padded.branch_key_starts[-2]:padded.branch_key_starts[-1]]
+    assert keys.tolist() == [5, 6, 7] and padded.branch_starts[-2:].tolist() == [5, 8]
+    sp = ParallelConfig(tensor_parallel_size=4, sequence_parallel=True, max_tokens_per_micro_batch=16)
+    rows, _ = plan_micro_batches(batch, sp)
+    assert [r.num_tokens for r in rows] == [8] and computed_tokens(batch, sp) == 8
+    padded_sp = ParallelConfig(tensor_parallel_size=4, sequence_parallel=True, batch_layout="padded",
+                               max_tokens_per_micro_batch=16)
+    micro, _ = plan_micro_batches(batch, padded_sp)
+    assert [t.shape for t, _ in micro] == [(3, 4)] and computed_tokens(batch, padded_sp) == 12
