@@ -21,8 +21,9 @@ Per config and workload:
 * service tokens/s over HTTP at each concurrency; `service_over_engine` = the ratio (targets >= 0.95 at 64,
   >= 0.9 at 8); tokens are requested prompt tokens (the responses' `num_tokens`);
 * stage busy: each stage's modelled busy time over the pass's wall time (target >= 0.9 at 64);
-* c=1 latency (helpsteer): per conversation one engine forward and one HTTP request back to back, median of
-  the ratios (target <= 1.15);
+* c=1 latency (helpsteer, `--c1` conversations): per conversation, its forward on the idle engine alone and its
+  HTTP request on the idle service alone (the engine's simulated time is deterministic, so the two need not
+  run back to back), median of the per-conversation ratios (target <= 1.15);
 * batch vs model: per batch alone on the engine, its wall time over the cost model's pipeline time for its
   micro-batches (`sharding.cost_model.pipeline_seconds`; expected 0.8-1.25).
 Writes bench/results/simulated.json with the git commit and the load average.
@@ -48,7 +49,7 @@ if str(REPO) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench.request_path import client_at_worker_niceness, paired_latency  # noqa: E402
+from bench.request_path import client_at_worker_niceness  # noqa: E402
 from bench.service_vs_engine import budget_batches, machine_info  # noqa: E402
 
 ARCH_DIR = REPO / ".demo" / "nemotron4-340b-arch"
@@ -211,6 +212,34 @@ async def http_times(bodies: list[dict[str, Any]], base_url: str) -> list[float]
     return out
 
 
+def arch_tokenizer():
+    """The 340B architecture checkpoint (written once, no weights) and its demo tokenizer."""
+    from deployments.prompt import SentencePieceTokenizer
+    from sharding.checkpoints.nemo import NemoCheckpoint
+
+    subprocess.run([sys.executable, "-m", "demo", "--shape", "nemotron4-340b", "--no-weights", "--if-missing",
+                    "--out", str(ARCH_DIR)], cwd=REPO, check=True)
+    return SentencePieceTokenizer(NemoCheckpoint.open(ARCH_DIR).tokenizer_path)
+
+
+def start_cluster(num_cpus: int, num_gpus: int):
+    """Two Ray nodes on this machine with logical CPUs and GPUs, connected; the repo on the workers' path."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    node = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 def tokenize(conversation: list[dict[str, str]], tokenizer) -> list[int]:
     from deployments.prompt import tokenize_conversation
     from deployments.schemas import Message
@@ -299,14 +328,8 @@ def main() -> None:
 
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
-    from deployments.prompt import SentencePieceTokenizer
-    from sharding.checkpoints.nemo import NemoCheckpoint
-
-    subprocess.run([sys.executable, "-m", "demo", "--shape", "nemotron4-340b", "--no-weights", "--if-missing",
-                    "--out", str(ARCH_DIR)], cwd=REPO, check=True)
-    tokenizer = SentencePieceTokenizer(NemoCheckpoint.open(ARCH_DIR).tokenizer_path)
+    tokenizer = arch_tokenizer()
     maker = TextMaker(tokenizer, args.seed)
     conversations = helpsteer(maker, args.helpsteer, args.seed)
     groups = grpo(maker, args.grpo_prompts, args.grpo_responses, args.seed + 1)
@@ -322,8 +345,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "simulated": True,
         "note": "SIMULATED accelerator: model time from sharding/cost_model.py, not a GPU measurement",
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip(),
+        "git_commit": git_commit(),
         "command": "python bench/simulated_service.py " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "targets": TARGETS,
@@ -331,12 +353,7 @@ def main() -> None:
                       for k, v in workloads.items()},
         "configs": {},
     }
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    node = {"num_cpus": 32, "num_gpus": 16}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    cluster.add_node(**node)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = start_cluster(num_cpus=32, num_gpus=16)
     try:
         result["client_niceness"] = client_at_worker_niceness()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})

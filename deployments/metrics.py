@@ -91,6 +91,7 @@ class RouterMetrics:
         )
         self._in_flight = Gauge("reward_batches_in_flight", description="Model batches sent and not yet answered.")
         self._in_flight_count = 0
+        self.totals = {"batches": 0, "requested_tokens": 0, "computed_tokens": 0}  # since start (benchmarks)
 
     def request(self, route: str, status: int) -> None:
         self._requests.inc(tags={"route": route, "status": str(status)})
@@ -104,6 +105,9 @@ class RouterMetrics:
 
     def batch_started(self, token_lists: Sequence[Sequence[int]]) -> None:
         computed, padding, shared = batch_shares(token_lists, self._parallel)
+        self.totals["batches"] += 1
+        self.totals["requested_tokens"] += sum(len(t) for t in token_lists)
+        self.totals["computed_tokens"] += computed
         self._batch_tokens.observe(float(sum(len(t) for t in token_lists)))
         self._computed_tokens.observe(float(computed))
         self._padding_share.observe(padding)

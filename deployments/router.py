@@ -249,10 +249,10 @@ class Router(KServeRoutes, RLHFRoutes):
         return await self._typed_errors(self._score_validated(self._validate(request)))
 
     async def routed_requests(self, affinity_key: str | None = None) -> dict[str, Any]:
-        """This replica's id and the requests it scored as their key's home, by key (call it with a key to reach
-        that key's home)."""
+        """This replica's id, the requests it scored as their key's home by key, and its model batches' totals
+        (batches, requested and computed tokens). With several routers, a key reaches that key's home."""
         return {"replica_id": serve.get_replica_context().replica_id.unique_id,
-                "requests": {str(k): n for k, n in self._affinity_prompts.items()}}
+                "requests": {str(k): n for k, n in self._affinity_prompts.items()}, **self._metrics.totals}
 
     async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:
         """Handle entry point: same validation and typed errors as `POST /v1/score`; returns its JSON."""

@@ -35,14 +35,19 @@ def test_validates_offline(prepared):
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
-def test_two_nodes_with_8_gpus_each(prepared):
+def test_two_nodes_with_8_gpus_each_per_model_replica(prepared):
+    from configs import ServiceConfig
+
+    app = yaml.safe_load((REPO / "configs/nemotron4_340b.yaml").read_text())["applications"][0]
+    replicas = ServiceConfig.model_validate(app["args"]).model
     types = prepared["available_node_types"]
     head = types[prepared["head_node_type"]]
     workers = {name: t for name, t in types.items() if name != prepared["head_node_type"]}
-    assert prepared["max_workers"] == 1
     assert len(workers) == 1
     (worker,) = workers.values()
-    assert worker["min_workers"] == worker["max_workers"] == 1
+    # Always up: the first replica's two nodes (head + one worker); at most two nodes per replica.
+    assert worker["min_workers"] == 2 * replicas.autoscaling.min_replicas - 1
+    assert worker["max_workers"] == prepared["max_workers"] == 2 * replicas.max_replicas - 1
     assert head["max_workers"] == 0
     nodes = [head] + [worker] * worker["min_workers"]
     assert len(nodes) == 2
