@@ -162,7 +162,8 @@ def test_nemotron_config_serves_the_release_layout(ray_cluster, checkpoints, ref
         args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
     args["checkpoint_path"] = checkpoints["zarr/model./dir"]
     args["runtime"].update(device="cpu", dtype="float32", backend="gloo")
-    args["parallel"].update(tensor_parallel_size=1, pipeline_parallel_size=2)
+    # TP 1 on this cluster, so no sequence parallelism (it splits tokens over TP ranks; on in the config).
+    args["parallel"].update(tensor_parallel_size=1, pipeline_parallel_size=2, sequence_parallel=False)
     config = ServiceConfig.model_validate(args)
     build_app(args)  # the app composes: config checked against the checkpoint's architecture
     np.testing.assert_allclose(_engine_scores(config), reference_scores, atol=TOL, rtol=0)
