@@ -246,7 +246,7 @@ class Router(KServeRoutes, RLHFRoutes):
         """A request another router replica handed to this one, its home for `affinity_key` (Serve's request
         router chose this replica by the key); scored here."""
         self._affinity_prompts[affinity_key] = self._affinity_prompts.get(affinity_key, 0) + 1
-        return await self._typed_errors(self._score_validated(self._validate(request)))
+        return await self._typed_errors(lambda: self._score_validated(self._validate(request)))
 
     async def routed_requests(self, affinity_key: str | None = None) -> dict[str, Any]:
         """This replica's id, the requests it scored as their key's home by key, and its model batches' totals
@@ -256,12 +256,13 @@ class Router(KServeRoutes, RLHFRoutes):
 
     async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:
         """Handle entry point: same validation and typed errors as `POST /v1/score`; returns its JSON."""
-        return await self._typed_errors(self._score_at_home(self._validate(request)))
+        return await self._typed_errors(lambda: self._score_at_home(self._validate(request)))
 
     @staticmethod
-    async def _typed_errors(scoring) -> dict[str, Any]:
+    async def _typed_errors(scoring: Callable[[], Any]) -> dict[str, Any]:
+        """Runs `scoring()` (validation included) and re-raises any error as the typed error a caller catches."""
         try:
-            response = await scoring
+            response = await scoring()
         except Exception as exc:  # re-raise as the typed error a caller can catch
             error = as_service_error(exc)
             if error is None:
