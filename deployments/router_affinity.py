@@ -12,9 +12,9 @@ The key (`affinity_key`): the system text and first user turn of the first conve
 prompt; requests without one go where Serve's default would send them.
 The choice (`PrefixAffinityRouter`, Serve's request-router API on the Router deployment): rendezvous hashing
 of the key over the running router replicas, so a key keeps its home while replicas come and go (only the keys
-of a replica that left move). The home is the first rank; when it is full (at `max_ongoing_requests`) or
-IMBALANCE_REQUESTS ahead of the least-loaded replica, Serve falls back to the next ranks, least loaded first,
-as Ray's own PrefixCacheAffinityRouter does.
+of a replica that left move). The home is the only candidate unless it is IMBALANCE_REQUESTS ahead of the
+least-loaded replica (by Serve's queue-length cache); then the others come first, least loaded first, as Ray's
+own PrefixCacheAffinityRouter falls back under imbalance. A full home makes the request wait for it.
 """
 
 from __future__ import annotations
@@ -65,4 +65,4 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         known = [n for n in lengths if n is not None]
         if known and lengths[0] is not None and lengths[0] - min(known) > IMBALANCE_REQUESTS:
             return [ordered[1:], ordered[:1]]  # spill: the others (least loaded wins), the home last
-        return [ordered[:1], ordered[1:]]
+        return [ordered[:1]]  # the home alone: a slow queue-length probe must not send the group elsewhere
