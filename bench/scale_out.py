@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -38,6 +37,7 @@ from bench.simulated_service import (  # noqa: E402
     ARCH_DIR,
     TextMaker,
     arch_tokenizer,
+    finish,
     git_commit,
     grpo,
     helpsteer,
@@ -127,9 +127,9 @@ def failover_run(conversations, token_lists, seconds: float, kill_at_s: float, c
     for t in threads:
         t.join(timeout=300)
     bins: dict[int, int] = {}
-    for finish, status, tokens, _ in log:
+    for done_s, status, tokens, _ in log:
         if status == 200:
-            bins[int(finish // BIN_S)] = bins.get(int(finish // BIN_S), 0) + tokens
+            bins[int(done_s // BIN_S)] = bins.get(int(done_s // BIN_S), 0) + tokens
     series = [[round(b * BIN_S, 1), round(bins.get(b, 0) / BIN_S, 1)] for b in range(int(seconds // BIN_S) + 1)]
     return {"killed_at_s": round(killed_s, 2), "victim_rank": victim["rank"], "requests": len(log),
             "non_200": sum(status != 200 for _, status, _, _ in log),
@@ -174,7 +174,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale_out.json")
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
     tokenizer = arch_tokenizer()
@@ -223,12 +222,7 @@ def main() -> None:
         print(f"failover: { {k: v for k, v in result['failover'].items() if k != 'tokens_per_s_by_time'} }", flush=True)
         plot(result, args.out.with_suffix(".png"))
     finally:
-        result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-    print(f"wrote {args.out}")
+        finish(result, args.out, cluster)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,20 @@ def start_cluster(num_cpus: int, num_gpus: int):
     return cluster
 
 
+def finish(result: dict[str, Any], out: Path, cluster) -> None:
+    """Writes the result with the load average at the end, and stops Serve, Ray and the local cluster."""
+    from ray import serve
+    import ray
+
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    print(f"wrote {out}")
+
+
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -326,7 +340,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "simulated.json")
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
     tokenizer = arch_tokenizer()
@@ -362,12 +375,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
     finally:
-        result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-    print(f"wrote {args.out}")
+        finish(result, args.out, cluster)
 
 
 if __name__ == "__main__":
