@@ -38,6 +38,24 @@ class ChatTemplatePrompt:
         self._special = {k: v for k, v in special_tokens.items() if v is not None}
         eos = self._special.get("eos_token")
         self.eos_id = self._tokenizer.token_to_id(eos) if eos else None
+        self.assistant_header = self._assistant_header()
+
+    def _assistant_header(self) -> str | None:
+        """What the template writes before an assistant message's text (how the first response starts in a
+        rendered prompt: prefix affinity of rendered prompts); None when a lone user turn and the same turn
+        followed by an answer do not render as prefix and extension."""
+        user = {"role": "user", "content": "QUESTION"}
+        answer = "ANSWER"
+        try:
+            question = self._template.render(messages=[user], add_generation_prompt=False, **self._special)
+            both = self._template.render(messages=[user, {"role": "assistant", "content": answer}],
+                                         add_generation_prompt=False, **self._special)
+        except jinja2.exceptions.TemplateError:
+            return None
+        if not both.startswith(question) or answer not in both[len(question):]:
+            return None
+        turn = both[len(question):]
+        return turn[: turn.index(answer)].strip() or None
 
     @classmethod
     def for_checkpoint(cls, checkpoint) -> ChatTemplatePrompt:

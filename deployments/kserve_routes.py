@@ -31,6 +31,7 @@ from deployments.kserve_api import (
 )
 from deployments.limits import check_prompts
 from deployments.prompt import TokenizedPrompt
+from deployments.router_affinity import rendered_affinity_key
 
 SERVICE_VERSION = "0.1.0"
 
@@ -46,14 +47,27 @@ class KServeRoutes:
                 http_request.headers.get("content-encoding"),
                 self._limits.max_request_bytes,
             )
-            prompts = await self._in_pool(self._kserve_prompts, request)
-            self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
-            attributes = (await self._score_tokens([prompt.token_ids for prompt in prompts], "inputs")).attributes
-            exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
-            body, headers = encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
+            body, headers = await self._at_home("kserve_infer", (model_name, request), self._kserve_key(request))
             return Response(content=body, headers=headers)
         except Exception as exc:
             return self._http_error(exc, http_request)
+
+    async def _kserve_infer_work(self, payload: tuple[str, InferRequest]) -> tuple[bytes, dict[str, str]]:
+        model_name, request = payload
+        prompts = await self._in_pool(self._kserve_prompts, request)
+        self._metrics.truncated("/v2/models/{model_name}/infer", sum(p.truncated for p in prompts))
+        attributes = (await self._score_tokens([prompt.token_ids for prompt in prompts], "inputs")).attributes
+        exceeded = np.array([[int(prompt.truncated)] for prompt in prompts], dtype=np.int32)
+        return encode_infer_response(model_name, request, {"rewards": attributes, "exceeded": exceeded})
+
+    def _kserve_key(self, request: InferRequest) -> str | None:
+        """The prefix-affinity key of the first `sentences` row (rendered text); `tokens` rows have none."""
+        sentences = request.tensors.get("sentences")
+        if sentences is None or not len(sentences):
+            return None
+        first = sentences.reshape(-1)[0]
+        text = first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
+        return rendered_affinity_key(text, self._prompt.assistant_header)
 
     def _kserve_prompts(self, request: InferRequest) -> list[TokenizedPrompt]:
         """Over-long inputs are cut as `truncate: left` cuts a conversation and flagged `exceeded`; see README."""

@@ -301,6 +301,8 @@ class SteerLMPrompt:
         self.encode = tokenizer.encode
         self.vocab_size = tokenizer.vocab_size
         self.eos_id = tokenizer.eos_id
+        # Where the first assistant turn starts in a rendered prompt (prefix affinity of rendered prompts).
+        self.assistant_header = f"{TURN_MARKER}{ROLE_LABELS['assistant']}\n"
 
     def tokenize_conversation(self, messages: Sequence[Message], **kwargs: Any) -> TokenizedPrompt:
         return tokenize_conversation(messages, self.tokenizer, **kwargs)

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from configs.service import ServiceConfig
+from deployments.affinity_routes import AffinityRoutes
 from deployments.auth import ApiKeyCheck, load_api_key
 from deployments.batcher import TokenBatcher
 from deployments.chat_template import prompt_format_for
@@ -47,7 +48,7 @@ from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
 from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
-from deployments.router_affinity import affinity_key
+from deployments.router_affinity import ROUTER_DEPLOYMENT, affinity_key, messages_affinity_key
 from deployments.model_routing import (
     FAILOVER_ATTEMPTS,
     FAILOVER_BACKOFF_S,
@@ -75,7 +76,6 @@ from sharding.checkpoints.formats import open_checkpoint
 from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
-ROUTER_DEPLOYMENT = "Router"
 
 
 class ModelScores(NamedTuple):
@@ -87,7 +87,7 @@ class ModelScores(NamedTuple):
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
-class Router(KServeRoutes, RLHFRoutes):
+class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
@@ -288,14 +288,19 @@ class Router(KServeRoutes, RLHFRoutes):
                 check_messages(len(raw["messages"]), self._limits, "messages")
             body = ChatCompletionRequest.model_validate(raw)
             self._check_model(body.model, accepted=(self._cfg.model_name,), param="model")
-            prompt = await self._in_pool(
-                self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
-            )
-            attributes = (await self._score_tokens([prompt.token_ids], "messages")).attributes
-            named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
-            return chat_completion_body(_request_id(http_request), self._cfg.model_name, named, prompt.num_tokens)
+            return await self._at_home("chat_completions", (body, _request_id(http_request)),
+                                       messages_affinity_key(body.messages))
         except Exception as exc:
             return self._http_error(exc, http_request)
+
+    async def _chat_completions_work(self, payload: tuple[ChatCompletionRequest, str]) -> dict[str, Any]:
+        body, request_id = payload
+        prompt = await self._in_pool(
+            self._prompt.tokenize_conversation, body.messages, max_tokens=self._limit_tokens, field="messages"
+        )
+        attributes = (await self._score_tokens([prompt.token_ids], "messages")).attributes
+        named = {name: float(v) for name, v in zip(self._cfg.scoring.attribute_names, attributes[0])}
+        return chat_completion_body(request_id, self._cfg.model_name, named, prompt.num_tokens)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:

@@ -108,6 +108,57 @@ def test_requests_sharing_a_prompt_meet_on_one_router(scaled_app):
     assert key not in other["requests"]
 
 
+def _route_bodies(model_name: str) -> dict[str, tuple[str, list[dict], str | None]]:
+    """Per route: (path, one body per response of a GRPO group sharing a prompt, the prompt as rendered text
+    (None: a chat-messages key))."""
+    from deployments.prompt import render_prompt
+    from deployments.schemas import Message
+
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name an odd number."}]
+    answers = [f"{n}." for n in (1, 3, 5, 7, 9, 11, 13, 15)]
+    conversations = [[*prompt, {"role": "assistant", "content": a}] for a in answers]
+    rendered = [render_prompt([Message.model_validate(m) for m in c]) for c in conversations]
+    kserve = [{"inputs": [{"name": "sentences", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
+              for text in rendered]
+    return {
+        "get_reward": ("/get_reward", [{"query": [text]} for text in rendered], rendered[0]),
+        "classify": ("/classify", [{"input": [text]} for text in rendered], rendered[0]),
+        "pooling": ("/pooling", [{"input": text} for text in rendered], rendered[0]),
+        "kserve": ("/v2/models/reward_model/infer", kserve, rendered[0]),
+        "chat": ("/v1/chat/completions", [{"model": model_name, "messages": c} for c in conversations], None),
+    }
+
+
+@pytest.mark.parametrize("route", ["get_reward", "classify", "pooling", "kserve", "chat"])
+def test_every_scoring_route_sends_a_group_to_one_router(scaled_app, route):
+    """The same for the client protocols: rendered prompts are keyed by their text before the first assistant
+    turn, chat messages by their first user turn; each group is scored at one router, the other sees none."""
+    from deployments.router_affinity import messages_affinity_key, rendered_affinity_key
+    from deployments.schemas import Message
+
+    model_name = httpx.get(f"{scaled_app}/v1/models").json()["data"][0]["id"]
+    path, bodies, rendered = _route_bodies(model_name)[route]
+    if rendered is not None:
+        key = rendered_affinity_key(rendered, "<extra_id_1>Assistant\n")
+    else:
+        key = messages_affinity_key([Message.model_validate(m) for m in bodies[0]["messages"]])
+    routers = serve.get_deployment_handle("Router", app_name="scaled")
+    before = {r["replica_id"]: r["requests"].get(key, 0)
+              for r in (routers.routed_requests.remote(affinity_key=f"probe-{p}").result() for p in range(64))}
+    assert len(before) == 2
+
+    async def group() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=scaled_app, timeout=120) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+
+    responses = asyncio.run(group())
+    assert [r.status_code for r in responses] == [200] * len(bodies), responses[0].text
+    after = {r["replica_id"]: r["requests"].get(key, 0)
+             for r in (routers.routed_requests.remote(affinity_key=f"probe-{p}").result() for p in range(64))}
+    served = {replica: after[replica] - before[replica] for replica in after}
+    assert sorted(served.values()) == [0, len(bodies)], served
+
+
 def test_a_router_replica_killed_while_the_other_serves(scaled_app):
     routers = _replica_actors("scaled", "Router")
     assert len(routers) == 2

@@ -46,3 +46,10 @@ def test_binary_search_equals_the_step_by_step_rule(prompt):
         else:
             got = prompt.tokenize_conversation(messages, max_tokens=limit, truncate="left")
             assert got.truncated and got.token_ids == want
+
+
+def test_the_assistant_header_is_what_the_template_writes_before_an_answer(prompt):
+    """Prefix affinity of rendered prompts cuts a rendered conversation there (deployments/router_affinity.py)."""
+    assert prompt.assistant_header == "<|start_header_id|>assistant<|end_header_id|>"
+    rendered = prompt.render([Message(role="user", content="Hi"), Message(role="assistant", content="Hello")])
+    assert rendered.index(prompt.assistant_header) > rendered.index("Hi")
