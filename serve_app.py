@@ -27,8 +27,7 @@ from deployments.reward_model import RewardModelDeployment
 from deployments.router_affinity import ROUTER_REQUEST_ROUTER
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
-from sharding.checkpoints.check import check_weights_fit
-from sharding.checkpoints.formats import open_checkpoint, output_names
+from sharding.checkpoints.formats import check_weights_fit, open_checkpoint, output_names
 from sharding.placement import placement_for
 
 ROUTER_TARGET_ONGOING_REQUESTS = 64  # HTTP or handle requests per router replica that autoscaling aims at

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from sharding.checkpoints.check import expected_tensor_shapes, stored_tensor_shapes
+from sharding.checkpoints.nemo import expected_tensor_shapes, stored_tensor_shapes
 from demo.tokenizer import CORPUS_PATH
 from sharding.checkpoints.nemo import CheckpointFormatError, NemoCheckpoint
 from tests.checkpoint_writers import TINY_SHAPE, padded_vocab, reference_weights, write_checkpoint, write_tokenizer
