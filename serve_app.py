@@ -27,8 +27,7 @@ from deployments.reward_model import RewardModelDeployment
 from deployments.router_affinity import ROUTER_REQUEST_ROUTER
 from deployments.router import Router
 from deployments.scoring import ScoringDeployment
-from sharding.checkpoints.check import check_weights_fit
-from sharding.checkpoints.formats import open_checkpoint, output_names
+from sharding.checkpoints.formats import check_weights_fit, open_checkpoint, output_names
 from sharding.placement import placement_for
 
 ROUTER_TARGET_ONGOING_REQUESTS = 64  # HTTP or handle requests per router replica that autoscaling aims at
@@ -42,6 +41,7 @@ def build_app(args: dict[str, Any]) -> Application:
     prompt_format_for(checkpoint)  # the Router builds the same prompt format; a bad tokenizer fails here
     if not config.simulated:  # a simulated device reads only the architecture and the tokenizer
         check_weights_fit(checkpoint, checkpoint.arch)  # what every worker checks before loading
+    check_batching(config)
     plan = placement_for(config)
     config_json = config.model_dump(mode="json")
     model = RewardModelDeployment.options(
@@ -58,6 +58,30 @@ def build_app(args: dict[str, Any]) -> Application:
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_REQUEST_ROUTER),
         **replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS),
     ).bind(model, scoring, config_json)
+
+
+def check_batching(config: ServiceConfig) -> None:
+    """The batching settings against each other (docs/architecture.md, "Change the batching policy"); raises
+    ValueError naming the numbers. Each router keeps up to `max_batches_in_flight` batches on a model replica,
+    so a model replica holds at most router replicas x that many (its `max_ongoing_requests`)."""
+    in_flight, routers = config.max_batches_in_flight, config.router.max_replicas
+    most = config.model_max_ongoing_requests
+    scaling = config.model.autoscaling
+    if scaling is not None and scaling.target_ongoing_requests is not None and scaling.target_ongoing_requests > most:
+        raise ValueError(
+            f"model.autoscaling.target_ongoing_requests {scaling.target_ongoing_requests:g} is above the "
+            f"{most} batches the routers can keep on one model replica (router replicas {routers} x "
+            f"max_batches_in_flight {in_flight}): the model would never scale up"
+        )
+    router_most = Router.max_ongoing_requests
+    scaling = config.router.autoscaling
+    if scaling is not None and scaling.target_ongoing_requests is not None and \
+            scaling.target_ongoing_requests > router_most:
+        raise ValueError(
+            f"router.autoscaling.target_ongoing_requests {scaling.target_ongoing_requests:g} is above the "
+            f"{router_most} requests one router replica takes at once (its max_ongoing_requests): the routers "
+            "would never scale up"
+        )
 
 
 def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) -> dict[str, Any]:

@@ -21,11 +21,11 @@ peak-memory count:
                         (`sharding.micro_batches.plan_micro_batches` with `parallel.batch_layout` and
                         `parallel.max_tokens_per_micro_batch` 16384) and inputs (`sharding.model.
                         micro_batch_inputs`; the forest kernel is `runtime.forest_attention` "auto": flex
-                        attention on CUDA). Without it, the padded layout is the engine's micro-batches of 16
-                        sequences (`sharding.micro_batches.make_micro_batches`);
+                        attention on CUDA).
   transformers_arrival  transformers' NemotronForSequenceClassification (SDPA attention) on the same shape,
                         micro-batches of 16 in arrival order, right-padded, with an attention mask;
-  transformers_sorted   the same, batches sorted by length exactly as the engine's padded layout.
+  transformers_sorted   the same, the sequences sorted by length (longest first) before they are cut
+                        into batches of 16.
 
 Before each engine layout's passes, the worker's setup warm-up (`sharding.warmup`, CUDA only: null on the dry
 run) is timed (`warm_up_s`); after them, the forest layout runs once more with flex attention and once with
@@ -283,7 +283,6 @@ def transformers_systems(bench: Bench, settings: dict, record: Callable[[str, di
         return
     from transformers import NemotronConfig, NemotronForSequenceClassification
 
-    from sharding.micro_batches import micro_batch_groups
     from sharding.model import DTYPES
 
     shape = settings["shape"]
@@ -303,9 +302,10 @@ def transformers_systems(bench: Bench, settings: dict, record: Callable[[str, di
     draw_weights(model, bench.device)
     bench.sync()
     build_s = time.perf_counter() - start
-    arrival = [np.arange(i, min(i + MICRO_BATCH_SIZE, NSEQ)) for i in range(0, NSEQ, MICRO_BATCH_SIZE)]
-    for name, groups in (("transformers_arrival", arrival),
-                         ("transformers_sorted", micro_batch_groups(bench.lengths, MICRO_BATCH_SIZE)[0])):
+    arrival = np.arange(NSEQ)
+    by_length = np.argsort(-np.asarray(bench.lengths, dtype=np.int64), kind="stable")
+    for name, arranged in (("transformers_arrival", arrival), ("transformers_sorted", by_length)):
+        groups = [arranged[i:i + MICRO_BATCH_SIZE] for i in range(0, NSEQ, MICRO_BATCH_SIZE)]
         batches = padded_batches(bench.token_lists, groups)
         order = np.concatenate([idx for _, _, idx in batches])
 

@@ -1,12 +1,14 @@
 """The reward model's architecture, in the key names of NeMo's `model_config.yaml`.
 
-Only the keys the service needs are fields; `from_nemo_dict` picks them out of a full NeMo config (which
-holds many training-only keys) so that the released file can be read as it is.
+Only the keys the service needs are fields; each checkpoint format reads its own config into it
+(`sharding.checkpoints.nemo.arch_from_nemo_config` picks them out of a full NeMo config, which holds many
+training-only keys, so that the released file can be read as it is; `sharding.checkpoints.hf` reads
+`config.json`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -120,37 +122,3 @@ class ModelArchConfig(StrictModel):
                 f"{rotary_dim}, which must be an even whole number"
             )
         return self
-
-    @classmethod
-    def from_nemo_dict(cls, cfg: dict[str, Any], vocab_size: int | None = None) -> ModelArchConfig:
-        """Reads NeMo's model_config.yaml keys; `vocab_size` is the tokenizer's, padded here as NeMo does."""
-        regression = cfg.get("regression") or {}
-        num_attributes = regression.get("num_attributes") or cfg.get("output_sequence_length") or 1
-        padded = cfg.get("padded_vocab_size")
-        if padded is None:
-            if vocab_size is None:
-                raise ValueError("model_config.yaml has no padded_vocab_size and no tokenizer size was given")
-            # NeMo/Megatron pad to a multiple of make_vocab_size_divisible_by * the training TP size.
-            multiple = int(cfg.get("make_vocab_size_divisible_by", 128)) * int(cfg.get("tensor_model_parallel_size", 1))
-            padded = -(-vocab_size // multiple) * multiple
-        return cls(
-            num_layers=cfg["num_layers"],
-            hidden_size=cfg["hidden_size"],
-            ffn_hidden_size=cfg["ffn_hidden_size"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_query_groups=cfg.get("num_query_groups") or cfg["num_attention_heads"],
-            kv_channels=cfg.get("kv_channels"),
-            normalization=cfg.get("normalization", "layernorm"),
-            layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
-            activation=cfg.get("activation", "gelu"),
-            position_embedding_type=cfg.get("position_embedding_type", "rope"),
-            rotary_percentage=cfg.get("rotary_percentage", 1.0),
-            rotary_base=cfg.get("rotary_base", 10000),
-            bias=cfg.get("bias", True),
-            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
-            max_position_embeddings=cfg.get("max_position_embeddings") or cfg["encoder_seq_length"],
-            padded_vocab_size=padded,
-            num_attributes=num_attributes,
-            rm_head_bias=cfg.get("rm_head_bias", True),
-            tokenizer=TokenizerRef(library=cfg["tokenizer"]["library"], model=cfg["tokenizer"]["model"]),
-        )

@@ -27,16 +27,11 @@ from collections.abc import Sequence
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from configs.service import ParallelConfig
-from sharding.micro_batches import computed_tokens, padded_tokens
+from sharding.micro_batches import computed_tokens
 
 TOKEN_BOUNDARIES = [64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0]
 SHARE_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-
-
-def padding_share(lengths: Sequence[int], micro_batch_size: int) -> float:
-    computed = padded_tokens(lengths, micro_batch_size)
-    return 1.0 - sum(lengths) / computed if computed else 0.0
 
 
 def batch_shares(token_lists: Sequence[Sequence[int]], parallel: ParallelConfig) -> tuple[int, float, float]:

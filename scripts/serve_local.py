@@ -1,7 +1,9 @@
 """Runs a Serve config file on a new local Ray instance, like `serve run CONFIG`, and stops gracefully.
 
 An application that fails to deploy (`serve_app.build_app` refuses a checkpoint it cannot serve, naming the
-reason) ends the run: the reason is printed and the exit status is 1. `serve run` would keep running.
+reason) ends the run: the reason is printed and the exit status is 1. `serve run` would keep running. Each
+app is first built here, before Ray starts (what Serve's controller does next, on the cluster), so a config or
+checkpoint it cannot serve fails in seconds; a build that fails only on the cluster ends the run the same way.
 
 On SIGINT (Ctrl-C) or SIGTERM it first drains: the Router refuses new requests with 503 and waits until
 the requests in flight have their answers, at most the Router's `graceful_shutdown_timeout_s` (Serve's
@@ -23,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import ray
@@ -41,8 +44,29 @@ def router_drain_timeout_s(app) -> float:
     return SERVE_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
 
+def build_failures(config: ServeDeploySchema) -> dict[str, str]:
+    """Builds each app from its import path and args, as Serve's controller will (`serve run` resolves import
+    paths from the current directory); the apps that cannot be built, with the reason."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    sys.path.insert(0, os.getcwd())
+    failed = {}
+    for app in config.applications:
+        try:
+            call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+        except Exception:  # noqa: BLE001 - any failure to build is the app's failure to deploy, reported
+            failed[app.name] = traceback.format_exc()
+    return failed
+
+
 def main(config_path: str, simulated_nodes: int = 0, gpus_per_node: int = 0, cpus_per_node: int = 16) -> int:
     config = ServeDeploySchema.model_validate(yaml.safe_load(Path(config_path).read_text()))
+    failed = build_failures(config)
+    if failed:
+        for name, message in failed.items():
+            print(f"app {name} failed to deploy:\n{message}", file=sys.stderr, flush=True)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

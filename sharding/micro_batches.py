@@ -5,7 +5,8 @@
 * `padded`: the batch sorted by length (longest first) and cut into micro-batches of as many sequences as
   fit `max_tokens_per_micro_batch` once right-padded to their longest; each micro-batch is right-padded.
 
-The router's metrics and the benchmarks count computed tokens with the same functions."""
+`plan_micro_batches` is the one entry point (the engine, the in-process scorer, the benchmarks and the
+tests use it); the router's metrics and the benchmarks count computed tokens with `computed_tokens`."""
 
 from __future__ import annotations
 
@@ -17,13 +18,6 @@ from configs.service import ParallelConfig
 from sharding.forest import ForestRow, build_forest, pad_row
 
 MicroBatch = tuple[np.ndarray, np.ndarray]  # tokens int64 [b, s] (right-padded), lengths int64 [b]
-
-
-def micro_batch_groups(lengths: Sequence[int], micro_batch_size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Indices of each micro-batch of `micro_batch_size` sequences (longest first) and the length-sorting
-    permutation."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)], order
 
 
 def budget_groups(lengths: Sequence[int], max_tokens_per_micro_batch: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -58,14 +52,7 @@ def _check_lengths(token_batch: Sequence[Sequence[int]]) -> np.ndarray:
     return lengths
 
 
-def make_micro_batches(token_batch: Sequence[Sequence[int]], micro_batch_size: int,
-                       pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
-    """Length-sorted, right-padded micro-batches of `micro_batch_size` sequences and their permutation."""
-    groups, order = micro_batch_groups(_check_lengths(token_batch), micro_batch_size)
-    return _padded(token_batch, groups, pad_id), order
-
-
-def make_padded_micro_batches(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batch: int,
+def _padded_micro_batches(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batch: int,
                               pad_id: int = 0) -> tuple[list[MicroBatch], np.ndarray]:
     """Length-sorted, right-padded micro-batches under a token budget and the order of their rows."""
     lengths = _check_lengths(token_batch)
@@ -101,15 +88,8 @@ def plan_micro_batches(token_batch: Sequence[Sequence[int]], parallel: ParallelC
     if parallel.batch_layout == "forest":
         forest = build_forest(token_batch, parallel.max_tokens_per_micro_batch)
         return [pad_row(row, multiple) for row in forest.rows], forest.order
-    micro_batches, order = make_padded_micro_batches(token_batch, parallel.max_tokens_per_micro_batch)
+    micro_batches, order = _padded_micro_batches(token_batch, parallel.max_tokens_per_micro_batch)
     return [pad_padded(mb, multiple) for mb in micro_batches], order
-
-
-def padded_tokens(lengths: Sequence[int], micro_batch_size: int) -> int:
-    """Tokens computed for one batch in micro-batches of `micro_batch_size` (real tokens plus padding)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    groups, _ = micro_batch_groups(lengths, micro_batch_size)
-    return int(sum(lengths[idx].max() * len(idx) for idx in groups))
 
 
 def computed_tokens(token_batch: Sequence[Sequence[int]], parallel: ParallelConfig) -> int:

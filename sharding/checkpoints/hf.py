@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.model import ModelArchConfig, RopeScaling, TokenizerRef
+from sharding.checkpoints.base import CheckpointFormat, CheckpointFormatError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -164,3 +165,24 @@ class HFCheckpoint:
         from sharding.checkpoints.hf_weights import load_hf_weights
 
         load_hf_weights(self, model, self._tensor_files())
+
+
+def check_files(checkpoint: HFCheckpoint, arch: ModelArchConfig) -> None:
+    """Every safetensors file the index names exists (shapes are checked by the loader on every rank)."""
+    root = checkpoint.path
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in files if not (root / name).is_file()]
+        if missing:
+            raise CheckpointFormatError(f"{root}: {index.name} names files that do not exist: {', '.join(missing)}")
+    elif not (root / "model.safetensors").is_file():
+        raise CheckpointFormatError(f"{root} has neither model.safetensors nor model.safetensors.index.json")
+
+
+FORMAT = CheckpointFormat(
+    name="hf", checkpoint_type=HFCheckpoint,
+    detect=lambda path: path.is_dir() and (path / CONFIG_FILE).is_file(),
+    open=HFCheckpoint.open, check=check_files, load=HFCheckpoint.load_into,
+    output_names=lambda checkpoint: checkpoint.output_names,
+)

@@ -9,7 +9,12 @@ A packed `.nemo` is never extracted: the yaml and the weights' metadata are read
 weight chunks are memory-mapped out of it by the loaders (`sharding.checkpoints.files`), and only the small
 tokenizer file is copied to a cache folder, because SentencePiece wants a path.
 
-No torch here: the router uses this module for the tokenizer and the architecture.
+The format's entry in the registry (`FORMAT`, `sharding.checkpoints.formats`): detection (the fallback: its
+`open` names what is missing), the architecture from `model_config.yaml` (`arch_from_nemo_config`), the
+weights check before anything is deployed (`check_weights_fit`) and the load (`nemo_weights.load_weights`).
+
+No torch here (torch_dist's index is a torch pickle: its shapes are read with torch, imported then): the
+router uses this module for the tokenizer and the architecture.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from typing import Any
 import sentencepiece as spm
 import yaml
 
-from configs.model import ModelArchConfig
+from configs.model import ModelArchConfig, TokenizerRef
+from configs.service import ATTRIBUTE_NAMES
+from sharding.checkpoints.base import CheckpointFormat, CheckpointFormatError
 from sharding.checkpoints.files import CheckpointFiles, DirectoryFiles, TarFiles
 from sharding.checkpoints.zarr import list_arrays
 
@@ -40,10 +47,6 @@ BACKENDS = ("zarr", "torch_dist")
 # NeMo 1 (`model.`), NeMo 2 (`module.`), Megatron-LM (no prefix). Tried in this order.
 KEY_PREFIXES = ("model.", "module.", "")
 CACHE_ENV = "REWARD_SERVE_CACHE_DIR"
-
-
-class CheckpointFormatError(ValueError):
-    """The checkpoint is missing something or holds something unreadable."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ class NemoCheckpoint:
     @cached_property
     def arch(self) -> ModelArchConfig:
         tokenizer = spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
-        arch = ModelArchConfig.from_nemo_dict(self.raw_config, vocab_size=tokenizer.get_piece_size())
+        arch = arch_from_nemo_config(self.raw_config, vocab_size=tokenizer.get_piece_size())
         # The head is built with a bias exactly when the checkpoint holds one (the yaml does not say).
         try:
             fmt = self.weights_format
@@ -221,3 +224,135 @@ class NemoCheckpoint:
         if has_bias != arch.rm_head_bias:
             arch = arch.model_copy(update={"rm_head_bias": has_bias})
         return arch
+
+
+def arch_from_nemo_config(cfg: dict[str, Any], vocab_size: int | None = None) -> ModelArchConfig:
+    """The architecture from NeMo's model_config.yaml keys (a full NeMo config holds many training-only keys;
+    only those the service needs are read); `vocab_size` is the tokenizer's, padded here as NeMo does."""
+    regression = cfg.get("regression") or {}
+    num_attributes = regression.get("num_attributes") or cfg.get("output_sequence_length") or 1
+    padded = cfg.get("padded_vocab_size")
+    if padded is None:
+        if vocab_size is None:
+            raise ValueError("model_config.yaml has no padded_vocab_size and no tokenizer size was given")
+        # NeMo/Megatron pad to a multiple of make_vocab_size_divisible_by * the training TP size.
+        multiple = int(cfg.get("make_vocab_size_divisible_by", 128)) * int(cfg.get("tensor_model_parallel_size", 1))
+        padded = -(-vocab_size // multiple) * multiple
+    return ModelArchConfig(
+        num_layers=cfg["num_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["ffn_hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg.get("num_query_groups") or cfg["num_attention_heads"],
+        kv_channels=cfg.get("kv_channels"),
+        normalization=cfg.get("normalization", "layernorm"),
+        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+        activation=cfg.get("activation", "gelu"),
+        position_embedding_type=cfg.get("position_embedding_type", "rope"),
+        rotary_percentage=cfg.get("rotary_percentage", 1.0),
+        rotary_base=cfg.get("rotary_base", 10000),
+        bias=cfg.get("bias", True),
+        share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", False),
+        max_position_embeddings=cfg.get("max_position_embeddings") or cfg["encoder_seq_length"],
+        padded_vocab_size=padded,
+        num_attributes=num_attributes,
+        rm_head_bias=cfg.get("rm_head_bias", True),
+        tokenizer=TokenizerRef(library=cfg["tokenizer"]["library"], model=cfg["tokenizer"]["model"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------ weights check
+
+MAX_LISTED_PROBLEMS = 8
+
+
+def expected_tensor_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor the reward model loads, by name without the key prefix (decoder layers
+    stacked on a leading layer axis, megatron-core's Transformer-Engine names: the layout
+    `sharding.checkpoints.nemo_weights.load_weights` checks on every rank)."""
+    layers, hidden, ffn = arch.num_layers, arch.hidden_size, arch.ffn_hidden_size
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    fc1_rows = 2 * ffn if arch.activation == "swiglu" else ffn
+    shapes: dict[str, tuple[int, ...]] = {
+        "embedding.word_embeddings.weight": (arch.padded_vocab_size, hidden),
+        "decoder.layers.self_attention.linear_qkv.weight": (layers, qkv_rows, hidden),
+        "decoder.layers.self_attention.linear_proj.weight": (layers, hidden, arch.num_attention_heads * arch.head_dim),
+        "decoder.layers.mlp.linear_fc1.weight": (layers, fc1_rows, hidden),
+        "decoder.layers.mlp.linear_fc2.weight": (layers, hidden, ffn),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (layers, hidden),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (layers, hidden),
+        "decoder.final_layernorm.weight": (hidden,),
+        "rm_head.weight": (arch.num_attributes, hidden),
+    }
+    if arch.normalization != "rmsnorm":
+        shapes["decoder.layers.self_attention.linear_qkv.layer_norm_bias"] = (layers, hidden)
+        shapes["decoder.layers.mlp.linear_fc1.layer_norm_bias"] = (layers, hidden)
+        shapes["decoder.final_layernorm.bias"] = (hidden,)
+    if arch.bias:
+        shapes["decoder.layers.self_attention.linear_qkv.bias"] = (layers, qkv_rows)
+        shapes["decoder.layers.self_attention.linear_proj.bias"] = (layers, hidden)
+        shapes["decoder.layers.mlp.linear_fc1.bias"] = (layers, fc1_rows)
+        shapes["decoder.layers.mlp.linear_fc2.bias"] = (layers, hidden)
+    if arch.rm_head_bias:
+        shapes["rm_head.bias"] = (arch.num_attributes,)
+    return shapes
+
+
+def stored_tensor_shapes(checkpoint: NemoCheckpoint) -> dict[str, tuple[int, ...]]:
+    """Global shape of every stored tensor, by full key (prefix included), from the backend's metadata."""
+    fmt = checkpoint.weights_format
+    files = checkpoint.weights_files
+    if fmt.backend == "zarr":
+        from sharding.checkpoints.zarr import read_meta
+
+        return {key: tuple(read_meta(files, key).shape) for key in list_arrays(files)}
+    from sharding.checkpoints.nemo_weights import tensor_infos  # torch_dist's index is a torch pickle
+
+    return {key: tuple(info.shape) for key, info in tensor_infos(files, fmt).items()}
+
+
+def check_weights_fit(checkpoint: NemoCheckpoint, arch: ModelArchConfig) -> None:
+    """Every tensor the reward model loads is stored under the checkpoint's key prefix with the global shape
+    the architecture gives it; raises CheckpointFormatError naming what is missing or mis-shaped (at most 8)."""
+    try:
+        fmt = checkpoint.weights_format
+        stored = stored_tensor_shapes(checkpoint)
+    except (OSError, ValueError) as e:  # CheckpointFormatError is a ValueError
+        raise CheckpointFormatError(f"the weights of {checkpoint.path} are unreadable: {e}") from None
+    prefix = fmt.key_prefix
+    problems = []
+    for name, shape in expected_tensor_shapes(arch).items():
+        found = stored.get(prefix + name)
+        if found is None:
+            problems.append(f"missing {prefix + name}")
+        elif found != shape:
+            problems.append(f"{prefix + name} has shape {list(found)}, the model expects {list(shape)}")
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise CheckpointFormatError(
+            f"checkpoint {checkpoint.path} ({fmt.backend}, key prefix {prefix or '(none)'!r}) does not fit the "
+            f"model of its model_config.yaml: {listed}" + (f"; and {more} more" if more > 0 else "")
+        )
+
+
+def output_names(checkpoint: NemoCheckpoint) -> tuple[str, ...]:
+    """The HelpSteer2 nine for a nine-output head, one `reward`, or numbered attributes."""
+    count = checkpoint.arch.num_attributes
+    if count == len(ATTRIBUTE_NAMES):
+        return ATTRIBUTE_NAMES
+    return ("reward",) if count == 1 else tuple(f"attribute_{i}" for i in range(count))
+
+
+def load(checkpoint: NemoCheckpoint, model) -> None:
+    """This rank's slice of the distributed checkpoint (collective over the model's process groups)."""
+    from sharding.checkpoints.nemo_weights import load_weights
+
+    load_weights(model, checkpoint.weights_dir)
+
+
+FORMAT = CheckpointFormat(
+    name="nemo", checkpoint_type=NemoCheckpoint,
+    detect=lambda path: True,  # the fallback: NemoCheckpoint.open names what the path is missing
+    open=NemoCheckpoint.open, check=check_weights_fit, load=load, output_names=output_names,
+)

@@ -11,12 +11,9 @@ from configs.service import ParallelConfig
 from tests.gpu import cpu_side
 
 BF16_TOL = 0.1  # bf16 weights and activations vs the float32 CPU forward of the same checkpoint
-FOREST_AVAILABLE = "batch_layout" in ParallelConfig.model_fields  # the engine has the forest layout
 # parallel.max_tokens_per_micro_batch: two padded micro-batches ([1024], [300, 41, 7, 2]), one forest row
 MAX_TOKENS_PER_MICRO_BATCH = 1536
-MICRO_BATCH_SIZE = 2  # the padded layout in trees without the forest layout: micro-batches of 2 sequences
-LAYOUTS = ["padded", pytest.param("forest", marks=pytest.mark.skipif(
-    not FOREST_AVAILABLE, reason="this tree has no forest batch layout (parallel.batch_layout)"))]
+LAYOUTS = ["padded", "forest"]
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +32,8 @@ def demo(tmp_path_factory, token_batch):
 
 def forward_at_layout(scorer, token_batch, layout: str) -> np.ndarray:
     """The engine's micro-batches of one batch at `layout`, forwarded in this process; rewards in batch order."""
-    if FOREST_AVAILABLE:
-        parallel = ParallelConfig(batch_layout=layout, max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH)
-        return scorer.score_micro_batches(token_batch, parallel)
-    from sharding.micro_batches import make_micro_batches  # the engine before layouts were configurable
-
-    micro_batches, order = make_micro_batches(token_batch, MICRO_BATCH_SIZE)
-    outs = []
-    with torch.no_grad():
-        for tokens, lengths in micro_batches:
-            ids, lens = torch.from_numpy(tokens).to(scorer.device), torch.from_numpy(lengths).to(scorer.device)
-            outs.append(scorer.model(ids, lens).float().cpu().numpy())
-    rewards = np.empty((len(token_batch), outs[0].shape[1]), dtype=np.float32)
-    rewards[order] = np.concatenate(outs)
-    return rewards
+    parallel = ParallelConfig(batch_layout=layout, max_tokens_per_micro_batch=MAX_TOKENS_PER_MICRO_BATCH)
+    return scorer.score_micro_batches(token_batch, parallel)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,5 +1,8 @@
 """One simulated two-node Ray cluster per test session (head + worker, logical GPUs), Serve on a free port,
-and the demo checkpoint written once. Apps are deployed per module on top of that cluster."""
+and the demo checkpoint written once. Apps are deployed per module on top of that cluster: with `deploy`
+(an Application object, as `serve.run`: every redeploy restarts every replica) or, where a test changes a
+running app's config, with `declare` (a config, as `serve deploy`: only a changed `import_path`/`args`
+restarts replicas; a changed `user_config` reconfigures them in place)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.serve.schema import ApplicationStatus
+
+from configs.service import DEFAULT_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_CPUS = 4
@@ -57,15 +62,52 @@ def serve_http(ray_cluster) -> str:
 def deploy(app, name: str, route_prefix: str, timeout_s: float = APP_DEPLOY_TIMEOUT_S):
     """Deploys without blocking (an unplaceable placement group would hang serve.run) and polls."""
     serve._run(app, _blocking=False, name=name, route_prefix=route_prefix)
+    return wait_running(name, since=0.0, timeout_s=timeout_s)
+
+
+def wait_running(name: str, since: float, timeout_s: float = APP_DEPLOY_TIMEOUT_S):
+    """Polls until app `name`, deployed at or after `since` (time.time()), is RUNNING; its handle."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(name)
-        if status is not None and status.status == ApplicationStatus.RUNNING:
-            return serve.get_app_handle(name)
-        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
-            raise RuntimeError(f"app {name} failed to deploy: {status.message}")
-        time.sleep(1)
+        if status is not None and status.last_deployed_time_s >= since:
+            if status.status == ApplicationStatus.RUNNING:
+                return serve.get_app_handle(name)
+            if status.status == ApplicationStatus.DEPLOY_FAILED:
+                raise RuntimeError(f"app {name} failed to deploy: {status.message}")
+        time.sleep(0.5)
     raise TimeoutError(f"app {name} not RUNNING after {timeout_s}s: {serve.status().applications.get(name)}")
+
+
+# The apps deployed from a config, by name: every apply names them all (Serve deletes a config-deployed app
+# that a new config leaves out), as one `serve deploy` file would.
+_DECLARED: dict[str, dict] = {}
+
+
+def app_config(name: str, route_prefix: str, args: dict, weights=None) -> dict:
+    """One application of a Serve config file, as configs/local.yaml writes it: `serve_app:build_app` with
+    `args`, and the scoring weights (when given) as the ScoringDeployment's `user_config`."""
+    config = {"name": name, "route_prefix": route_prefix, "import_path": "serve_app:build_app", "args": args}
+    if weights is not None:
+        config["deployments"] = [{"name": "ScoringDeployment", "user_config": {"weights": list(weights)}}]
+    return config
+
+
+def declare(config: dict, wait: bool = True, timeout_s: float = APP_DEPLOY_TIMEOUT_S):
+    """Applies the declared apps with `config` (an `app_config`) added or replaced, as `serve deploy` of one
+    file holding them all; with `wait`, polls until that app is RUNNING again and returns its handle."""
+    from ray.serve.schema import ServeDeploySchema
+
+    _DECLARED[config["name"]] = config
+    since = time.time()
+    serve.context._get_global_client().deploy_apps(
+        ServeDeploySchema.model_validate({"applications": list(_DECLARED.values())}))
+    return wait_running(config["name"], since, timeout_s) if wait else None
+
+
+def undeclare(name: str) -> None:
+    _DECLARED.pop(name, None)
+    serve.delete(name)
 
 
 def service_args(checkpoint: Path, **overrides) -> dict:
@@ -83,12 +125,15 @@ def service_args(checkpoint: Path, **overrides) -> dict:
     return args
 
 
+def demo_app_config(checkpoint: Path, weights=DEFAULT_WEIGHTS) -> dict:
+    return app_config("reward", "/", service_args(checkpoint), weights=weights)
+
+
 @pytest.fixture(scope="session")
 def demo_app(ray_cluster, serve_http, demo_checkpoint) -> str:
-    """The TP1 x PP1 app at route prefix / (the shape `serve run configs/local.yaml` deploys)."""
-    from serve_app import build_app
-
-    deploy(build_app(service_args(demo_checkpoint)), name="reward", route_prefix="/")
+    """The TP1 x PP1 app at route prefix / from a config, as `serve run configs/local.yaml` deploys it (the
+    weights in the ScoringDeployment's user_config)."""
+    declare(demo_app_config(demo_checkpoint))
     return serve_http
 
 

@@ -1,11 +1,14 @@
 """The router's pull-based batching on the real engine (TP1 x PP1): a full queue answers 503 with
-Retry-After, a lone request goes to the model at once (there is no batch wait to sit out), requests batched
-together keep their own scoring weights, and two router replicas (each with its own queue) serve one model."""
+Retry-After, a lone request goes to the model alone (there is no batch wait to sit out: at once, as
+tests/unit/test_batcher.py shows without a clock), requests batched together keep their own scoring weights,
+and two router replicas (each with its own queue) both serve one model.
+
+One app from a config, `batching`: first with a small queue; then its args change (two routers, default
+queue), which reloads it: new model replica and workers, the new settings in force."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import numpy as np
@@ -14,8 +17,8 @@ from ray import serve
 
 from deployments.prompt import tokenize_conversation
 from deployments.schemas import ScoreRequest
-from tests.integration.conftest import deploy, service_args
-from tests.integration.test_service import conversation
+from tests.integration.conftest import app_config, declare, service_args, undeclare
+from tests.integration.test_service import alive_actor_ids, conversation, model_worker_ids
 
 BODY = {"conversations": [conversation(i, words=12) for i in range(4)]}
 
@@ -30,18 +33,22 @@ def queue_tokens(tokenizer) -> int:
 
 
 @pytest.fixture(scope="module")
-def small_queue_app(serve_http, demo_checkpoint, queue_tokens):
+def batching_app(serve_http, demo_checkpoint, queue_tokens):
     """One batch in flight and a queue of 1.5 requests: the third request that arrives while the first
     computes (and the second waits) is over the bound."""
-    from serve_app import build_app
-
     args = service_args(demo_checkpoint, router={
         "max_tokens_per_batch": queue_tokens, "max_input_tokens": queue_tokens,
         "max_queued_tokens": queue_tokens, "max_batches_in_flight": 1,
     })
-    deploy(build_app(args), name="queue", route_prefix="/queue")
-    yield f"{serve_http}/queue"
-    serve.delete("queue")
+    declare(app_config("batching", "/batching", args))
+    yield f"{serve_http}/batching"
+    undeclare("batching")
+
+
+@pytest.fixture(scope="module")
+def small_queue_app(batching_app):
+    assert serve.status().applications["batching"].deployments["Router"].replica_states.get("RUNNING") == 1
+    return batching_app
 
 
 def test_queue_overflow_gives_503_with_retry_after(small_queue_app, queue_tokens):
@@ -63,25 +70,30 @@ def test_queue_overflow_gives_503_with_retry_after(small_queue_app, queue_tokens
             assert f"the limit is {queue_tokens}" in error["message"], error["message"]
 
 
-def test_lone_request_is_not_delayed(demo_app):
-    """A lone request through the router costs about what one direct model call costs: no batch wait. The
-    margin covers tokenization and the scoring deployment's call (best of 5, on a shared machine)."""
+def router_totals(app: str) -> dict[str, dict]:
+    """Each router replica's `routed_requests` (its model batches' totals), by replica id: probe affinity keys
+    until every running router replica has answered (a key's call goes to the key's home router)."""
+    running = serve.status().applications[app].deployments["Router"].replica_states.get("RUNNING")
+    routers = serve.get_deployment_handle("Router", app_name=app)
+    seen: dict[str, dict] = {}
+    for probe in range(256):
+        answer = routers.routed_requests.remote(affinity_key=f"probe-{probe}").result()
+        seen[answer["replica_id"]] = answer
+        if len(seen) == running:
+            return seen
+    raise AssertionError(f"{len(seen)} of {running} router replicas answered 256 probes")
+
+
+def test_lone_request_goes_to_the_model_alone(demo_app):
+    """A lone request is one model batch of its own tokens: the router sends it without waiting for batch
+    mates (that it goes at once, with no timer, is shown clock-free in tests/unit/test_batcher.py)."""
     router = serve.get_app_handle("reward")
-    model = serve.get_deployment_handle("RewardModelDeployment", app_name="reward")
     request = {"conversations": [conversation(3, words=20)]}
-    tokens = [list(range(4, 4 + router.score.remote(request).result()["usage"]["prompt_tokens"]))]
-
-    def best_of_5(call) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    model_s = best_of_5(lambda: np.asarray(model.score.remote(tokens).result()))
-    router_s = best_of_5(lambda: router.score.remote(request).result())
-    assert router_s < model_s + 0.1, f"router {router_s * 1e3:.0f} ms vs one model call {model_s * 1e3:.0f} ms"
+    (before,) = router_totals("reward").values()
+    usage = router.score.remote(request).result()["usage"]
+    (after,) = router_totals("reward").values()
+    assert after["batches"] - before["batches"] == 1
+    assert after["requested_tokens"] - before["requested_tokens"] == usage["prompt_tokens"]
 
 
 def test_co_batched_requests_keep_their_own_weights(demo_app):
@@ -108,18 +120,31 @@ def test_co_batched_requests_keep_their_own_weights(demo_app):
 
 
 @pytest.fixture(scope="module")
-def two_router_app(serve_http, demo_checkpoint):
-    from serve_app import build_app
-
+def two_router_app(batching_app, demo_checkpoint) -> tuple[str, dict[str, set[str]], set[str]]:
+    """The same app with changed args: two router replicas, one batch in flight each, the default queue.
+    Returns its URL and the replica and worker actor ids it had before."""
+    replicas, workers = alive_actor_ids("batching"), model_worker_ids("batching")
     args = service_args(demo_checkpoint, router={"num_replicas": 2, "max_batches_in_flight": 1})
-    deploy(build_app(args), name="tworouters", route_prefix="/tworouters")
-    yield f"{serve_http}/tworouters"
-    serve.delete("tworouters")
+    declare(app_config("batching", "/batching", args))
+    return batching_app, replicas, workers
+
+
+def test_changed_args_reload_the_app(two_router_app):
+    """Changing the app's args (not a user_config) is a reload: Serve rebuilds the app, starts a new model
+    replica with new workers, and the new settings hold (two routers now)."""
+    _, replicas, workers = two_router_app
+    now = alive_actor_ids("batching")
+    assert now["RewardModelDeployment"].isdisjoint(replicas["RewardModelDeployment"]), (now, replicas)
+    assert model_worker_ids("batching").isdisjoint(workers)
+    assert len(now["Router"]) == 2
+    assert serve.status().applications["batching"].deployments["Router"].replica_states.get("RUNNING") == 2
 
 
 def test_two_router_replicas_serve_one_model(two_router_app, demo_app):
     """`router.num_replicas: 2`: two Router replicas, each with its own queue, feed the one model replica;
-    a burst spread over both gets every score right (as the one-router app scores each request alone)."""
+    a burst spread over both gets every score right (as the one-router app scores each request alone), and
+    both routers sent model batches for it (their own counts, `Router.routed_requests`)."""
+    url, _, _ = two_router_app
     bodies = [{"conversations": [conversation(i, words=8 + 3 * i)]} for i in range(16)]
 
     async def burst(base: str, concurrently: bool) -> list[httpx.Response]:
@@ -128,12 +153,18 @@ def test_two_router_replicas_serve_one_model(two_router_app, demo_app):
                 return await asyncio.gather(*(client.post("/v1/score", json=body) for body in bodies))
             return [await client.post("/v1/score", json=body) for body in bodies]
 
-    status = serve.status().applications["tworouters"].deployments["Router"]
+    status = serve.status().applications["batching"].deployments["Router"]
     assert status.replica_states.get("RUNNING") == 2, status
-    got, alone = asyncio.run(burst(two_router_app, True)), asyncio.run(burst(demo_app, False))
+    before = router_totals("batching")
+    got, alone = asyncio.run(burst(url, True)), asyncio.run(burst(demo_app, False))
+    after = router_totals("batching")
     for body, response, reference in zip(bodies, got, alone):
         assert response.status_code == 200 and reference.status_code == 200, (response.text, reference.text)
         # Batch mates change raw floats by ~1e-6 (the forest layout); the weights are the same.
         assert response.json()["results"][0]["score"] == pytest.approx(reference.json()["results"][0]["score"],
                                                                       abs=1e-5)
         assert response.json()["usage"] == reference.json()["usage"]
+    assert set(after) == set(before) and len(after) == 2
+    served = {rid: after[rid]["requested_tokens"] - before[rid]["requested_tokens"] for rid in after}
+    assert all(tokens > 0 for tokens in served.values()), served  # both routers sent batches
+    assert sum(served.values()) == sum(r.json()["usage"]["prompt_tokens"] for r in got)

@@ -75,10 +75,21 @@ class Output:
             time.sleep(0.5)
 
 
-async def _score_all(url: str, reference: list[dict] | None) -> list[tuple[float, dict]]:
-    async with httpx.AsyncClient(timeout=120) as client:
+async def _score_all(url: str, all_sent: threading.Event) -> list[tuple[float, dict]]:
+    """Posts IN_FLIGHT requests at once; sets `all_sent` when every body has been written to its socket."""
+    sent = 0
+
+    async def trace(event: str, info: dict) -> None:
+        nonlocal sent
+        if event == "http11.send_request_body.complete":
+            sent += 1
+            if sent == IN_FLIGHT:
+                all_sent.set()
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=IN_FLIGHT)) as client:
         async def one(i: int) -> tuple[float, dict]:
-            response = await client.post(f"{url}/v1/score", json={"conversations": [_conversation(i)]})
+            response = await client.post(f"{url}/v1/score", json={"conversations": [_conversation(i)]},
+                                         extensions={"trace": trace})
             assert response.status_code == 200, response.text
             return time.monotonic(), response.json()["results"][0]
 
@@ -86,18 +97,26 @@ async def _score_all(url: str, reference: list[dict] | None) -> list[tuple[float
 
 
 def _in_flight_at_signal(url: str, send_signal) -> tuple[float, list[tuple[float, dict]]]:
-    """Starts IN_FLIGHT requests, sends the signal once they are all on their way, returns (signal time, results)."""
+    """Starts IN_FLIGHT requests, sends the signal once they are all on their way, returns (signal time, results).
+
+    No timer decides when: the signal goes once every request body has been written (httpx's trace event) and
+    a request sent after them through the same proxy and router has been answered (the barrier: the proxy
+    took the earlier requests off their sockets before this one). Each request needs the model for far longer
+    than the barrier takes, so all are in flight at the signal (`_check` asserts that each ends after it)."""
     box: dict = {}
+    all_sent = threading.Event()
 
     def run() -> None:
         try:
-            box["results"] = asyncio.run(_score_all(url, None))
+            box["results"] = asyncio.run(_score_all(url, all_sent))
         except Exception as exc:  # reported below
             box["error"] = repr(exc)
+            all_sent.set()
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.3)  # the requests are sent; each needs the model for far longer than this
+    assert all_sent.wait(timeout=120) and "error" not in box, f"the requests were not all sent: {box.get('error')}"
+    assert httpx.get(f"{url}/v2/health/live", timeout=60).status_code == 200  # the barrier
     signalled_at = time.monotonic()
     send_signal()
     thread.join(timeout=STOP_TIMEOUT_S + 60)

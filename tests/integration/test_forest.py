@@ -1,7 +1,7 @@
 """Token-forest batches through the real engine (fp32 CPU): every score of a forest batch equals the score of
-that sequence run alone (one padded forward at one rank), at TP1, TP2, PP2 and TP2xPP2, for random
-conversations with `turns: "all"` prefixes, best-of-N responses and repeats; and the best-of-N request
-shape and `usage.computed_tokens` over HTTP and the handle."""
+that sequence run alone (one padded forward at one rank), at TP1, TP2, PP2 and TP2xPP2 (there with two more
+batches streamed in behind it), for random conversations with `turns: "all"` prefixes, best-of-N responses
+and repeats; and the best-of-N request shape and `usage.computed_tokens` over HTTP and the handle."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from ray import serve
 from configs.service import ATTRIBUTE_NAMES, ServiceConfig
 from deployments.prompt import tokenize_conversation, tokenize_turns
 from deployments.schemas import ScoreRequest
-from sharding.forest import build_forest, unique_tokens
-from tests.engine_runner import score_with_engine
+from sharding.forest import build_forest
+from tests.engine_runner import score_batches_with_engine, score_with_engine
 from tests.integration.conftest import NODE_GPUS, service_args
 
 TOL = 1e-5
@@ -50,6 +50,12 @@ def token_ids(tokenizer, body: dict, turns: str = "last") -> list[list[int]]:
     return out
 
 
+def tokens_computed_once(batch: list[list[int]]) -> int:
+    """Tokens a request computes when it rides in one batch alone and every shared prefix is computed once:
+    its distinct prefixes (each is one token computed over the tokens before it), counted here by hand."""
+    return len({tuple(ids[:end]) for ids in batch for end in range(1, len(ids) + 1)})
+
+
 def alone(reference_scorer, batch: list[list[int]]) -> np.ndarray:
     return np.concatenate([reference_scorer.score([ids]) for ids in batch])
 
@@ -73,7 +79,7 @@ def forest_reference(reference_scorer, forest_batch) -> np.ndarray:
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["tp1", "tp2", "pp2", "tp2pp2"])
 def test_forest_engine_equals_each_sequence_alone(ray_cluster, demo_checkpoint, forest_batch, forest_reference,
-                                                  tp, pp):
+                                                  reference_scorer, tp, pp):
     budget = max(len(t) for t in forest_batch) + 64  # several rows, tries cut between rows
     config = ServiceConfig.model_validate(service_args(
         demo_checkpoint,
@@ -82,7 +88,16 @@ def test_forest_engine_equals_each_sequence_alone(ray_cluster, demo_checkpoint, 
     ))
     forest = build_forest(forest_batch, budget)
     assert len(forest.rows) >= 3 and forest.computed_tokens < 0.7 * sum(len(t) for t in forest_batch)
-    rewards = score_with_engine(config, forest_batch)
+    if (tp, pp) == (2, 2):
+        # The engine streams (no per-batch lock): two more batches submitted right behind this one, each scored
+        # exactly as its sequences alone; activations cross stages as 1/TP slices (the default).
+        assert config.parallel.scatter_gather_activations
+        more = [forest_batch[::-1][:4], forest_batch[2:] + forest_batch[:1]]
+        rewards, *streamed = score_batches_with_engine(config, [forest_batch, *more])
+        for batch, got in zip(more, streamed):
+            assert np.abs(got - alone(reference_scorer, batch)).max() <= TOL
+    else:
+        rewards = score_with_engine(config, forest_batch)
     assert rewards.dtype == np.float32 and rewards.shape == (len(forest_batch), 9)
     diff = np.abs(rewards - forest_reference).max()
     print(f"forest engine tp{tp} pp{pp}: {len(forest_batch)} sequences, {forest.computed_tokens} of "
@@ -100,7 +115,7 @@ def test_http_best_of_n_and_all_turns_equal_each_sequence_alone(http, reference_
     assert [r["index"] for r in got["results"]] == [0, 1, 2, 3]
     attributes = np.array([[r["attributes"][name] for name in ATTRIBUTE_NAMES] for r in got["results"]])
     assert np.abs(attributes - want).max() <= TOL
-    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": unique_tokens(ids)}
+    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": tokens_computed_once(ids)}
     assert got["usage"]["computed_tokens"] < got["usage"]["prompt_tokens"]
 
     conversations = [random_conversation(rng) for _ in range(3)]
@@ -110,7 +125,7 @@ def test_http_best_of_n_and_all_turns_equal_each_sequence_alone(http, reference_
     turns = [t for r in got["results"] for t in r["turns"]]
     attributes = np.array([[t["attributes"][name] for name in ATTRIBUTE_NAMES] for t in turns])
     assert np.abs(attributes - want).max() <= TOL
-    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": unique_tokens(ids)}
+    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": tokens_computed_once(ids)}
 
 
 def test_handle_best_of_n_and_bad_shape(demo_app, reference_scorer, tokenizer):

@@ -87,11 +87,15 @@ class RayStartCluster:
              f"--temp-dir={self.temp_dir}", "--num-cpus=4", "--num-gpus=0", "--include-dashboard=true"],
             env=self.env, cwd=REPO, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
+        # Polls go to the dashboard's REST API (what the serve CLI calls) with the session's token: a CLI
+        # process per poll costs seconds of interpreter start on a loaded machine. The documented commands
+        # themselves run as commands below.
+        self.auth = {"Authorization": f"Bearer {(self.home / '.ray' / 'auth_token').read_text().strip()}"}
         deadline = time.monotonic() + START_TIMEOUT_S
-        while self.serve("status", check=False).returncode != 0:
+        while self.rest_applications() is None:
             assert self.process.poll() is None, f"ray start exited:\n{self.log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the dashboard did not come up"
-            time.sleep(2)
+            time.sleep(0.5)
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(list(args), env=self.env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -103,14 +107,28 @@ class RayStartCluster:
         return self.run("serve", command, *args, "--address", self.dashboard, check=check)
 
     def app_status(self) -> dict:
+        """The app's entry in `serve status` (the command)."""
         return yaml.safe_load(self.serve("status").stdout).get("applications", {}).get("reward", {})
 
-    def wait_running(self) -> None:
+    def rest_applications(self) -> dict | None:
+        """GET /api/serve/applications/ (what `serve status` reads), or None while the dashboard is not up."""
+        try:
+            response = httpx.get(f"{self.dashboard}/api/serve/applications/", headers=self.auth, timeout=30)
+        except httpx.TransportError:
+            return None
+        return response.json().get("applications") or {} if response.status_code == 200 else None
+
+    def wait_running(self, since: float) -> None:
+        """Polls until the app, deployed at or after `since` (time.time()), is RUNNING."""
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-        while (status := self.app_status()).get("status") != "RUNNING":
-            assert status.get("status") != "DEPLOY_FAILED", status
+        while True:
+            status = (self.rest_applications() or {}).get("reward", {})
+            if status.get("last_deployed_time_s", 0) >= since:
+                if status.get("status") == "RUNNING":
+                    return
+                assert status.get("status") != "DEPLOY_FAILED", status
             assert time.monotonic() < deadline, status
-            time.sleep(2)
+            time.sleep(0.5)
 
     def alive_actors(self) -> dict[str, set[str]]:
         listed = json.loads(self.run("ray", "list", "actors", "--address", self.dashboard, "--format", "json",
@@ -182,20 +200,22 @@ def test_deploy_status_shutdown_twice_with_token_auth_and_live_weights(demo_chec
         first = _write_config(tmp_path / "first.yaml", demo_checkpoint, cluster.http_port, list(DEFAULT_WEIGHTS))
         second = _write_config(tmp_path / "second.yaml", demo_checkpoint, cluster.http_port, NEW_WEIGHTS)
 
+        since = time.time()
         cluster.serve("deploy", str(first))
-        cluster.wait_running()
+        cluster.wait_running(since)
         before = _score(url)
         attributes = np.array(list(before["attributes"].values()))
         assert before["score"] == pytest.approx(float(attributes @ np.array(DEFAULT_WEIGHTS)), abs=1e-6)
         actors_before = cluster.alive_actors()
         assert all(actors_before.get(name) for name in KEPT_CLASSES), actors_before
 
+        since = time.time()
         cluster.serve("deploy", str(second))  # only the ScoringDeployment's user_config differs
         deadline = time.monotonic() + 60
         while (after := _score(url))["score"] != pytest.approx(after["attributes"]["helpfulness"], abs=1e-6):
             assert time.monotonic() < deadline, after
-            time.sleep(0.5)
-        cluster.wait_running()
+            time.sleep(0.2)
+        cluster.wait_running(since)
         np.testing.assert_allclose(list(after["attributes"].values()), attributes, atol=1e-6, rtol=0)
         actors_after = cluster.alive_actors()
         for name in KEPT_CLASSES:  # nothing restarted: same model replica, same workers, same router
@@ -203,8 +223,9 @@ def test_deploy_status_shutdown_twice_with_token_auth_and_live_weights(demo_chec
 
         cluster.serve("shutdown", "-y")
         assert cluster.app_status() == {}
+        since = time.time()
         cluster.serve("deploy", str(first))  # the same commands a second time
-        cluster.wait_running()
+        cluster.wait_running(since)
         assert _score(url)["score"] == pytest.approx(before["score"], abs=1e-6)
         cluster.serve("shutdown", "-y")
         assert cluster.app_status() == {}

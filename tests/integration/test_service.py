@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from ray import serve
 
 from configs.service import ATTRIBUTE_NAMES, DEFAULT_WEIGHTS
 from deployments.prompt import tokenize_conversation
@@ -160,16 +162,50 @@ def test_handle_from_a_separate_ray_job(demo_app, ray_cluster):
     assert invalid["invalid"]["param"] == "conversations[0].messages[0].role"
 
 
-def test_weights_change_live_through_user_config(http, demo_checkpoint):
-    from serve_app import build_app
-    from tests.integration.conftest import deploy, service_args
+def alive_actor_ids(app: str) -> dict[str, set[str]]:
+    """Every live replica actor of `app` by deployment, from the GCS actor table."""
+    from ray._private.state import actors as gcs_actor_table  # GCS records; the state API needs a dashboard
+
+    prefix = f"ServeReplica:{app}:"
+    out: dict[str, set[str]] = {}
+    for actor_id, actor in gcs_actor_table().items():
+        if actor["State"] == "ALIVE" and actor["ActorClassName"].startswith(prefix):
+            out.setdefault(actor["ActorClassName"].removeprefix(prefix), set()).add(actor_id)
+    return out
+
+
+def model_worker_ids(app: str) -> set[str]:
+    return {w["actor_id"] for w in serve.get_deployment_handle("RewardModelDeployment", app_name=app)
+            .describe.remote().result()}
+
+
+def test_weights_change_live_through_user_config(http, demo_app, demo_checkpoint):
+    """A config that differs only in the ScoringDeployment's user_config (what `serve deploy` of
+    configs/local.yaml with new weights sends) reconfigures the scoring replica in place: the scores follow
+    the new weights while every replica actor (model, router, scoring) and every worker actor stays the same.
+    (Changing the app's args reloads it instead: tests/integration/test_batching.py.)"""
+    from tests.integration.conftest import declare, demo_app_config
 
     before = http.post("/v1/score", json={"conversations": [conversation(4)]}).raise_for_status().json()["results"][0]
+    replicas, workers = alive_actor_ids("reward"), model_worker_ids("reward")
+    assert set(replicas) == {"Router", "ScoringDeployment", "RewardModelDeployment"} and workers, replicas
     weights = [0, 0, 0, 0, 1.0, 0, 0, 0, 0]
+    scoring = serve.get_deployment_handle("ScoringDeployment", app_name="reward")
     try:
-        deploy(build_app(service_args(demo_checkpoint, scoring={"weights": weights})), name="reward", route_prefix="/")
+        declare(demo_app_config(demo_checkpoint, weights=weights))
+        deadline = time.monotonic() + 60  # reconfigure runs on the replica after the controller applied it
+        while list(scoring.current_weights.remote().result()) != weights:
+            assert time.monotonic() < deadline, "the new user_config never reached the scoring replica"
+            time.sleep(0.2)
         after = http.post("/v1/score", json={"conversations": [conversation(4)]}).raise_for_status().json()["results"][0]
         assert after["score"] == pytest.approx(after["attributes"]["helpfulness"], abs=TOL)
         np.testing.assert_allclose(attributes_of(after), attributes_of(before), atol=TOL, rtol=0)
+        assert alive_actor_ids("reward") == replicas  # nothing restarted
+        assert model_worker_ids("reward") == workers
     finally:
-        deploy(build_app(service_args(demo_checkpoint)), name="reward", route_prefix="/")
+        declare(demo_app_config(demo_checkpoint))
+        deadline = time.monotonic() + 60
+        while list(scoring.current_weights.remote().result()) != list(DEFAULT_WEIGHTS):
+            assert time.monotonic() < deadline, "the default weights never came back"
+            time.sleep(0.2)
+    assert alive_actor_ids("reward") == replicas

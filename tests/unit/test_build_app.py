@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from sharding.checkpoints.check import expected_tensor_shapes, stored_tensor_shapes
+from sharding.checkpoints.nemo import expected_tensor_shapes, stored_tensor_shapes
 from demo.tokenizer import CORPUS_PATH
 from sharding.checkpoints.nemo import CheckpointFormatError, NemoCheckpoint
 from tests.checkpoint_writers import TINY_SHAPE, padded_vocab, reference_weights, write_checkpoint, write_tokenizer
@@ -104,3 +104,33 @@ def test_weights_shaped_unlike_the_config_fail_the_build_with_the_shapes(broken)
     with pytest.raises(CheckpointFormatError, match=r"linear_qkv.weight has shape \[4, 384, 256\], "
                                                     r"the model expects \[2, 384, 256\]"):
         build_app(args(broken))
+
+
+def with_scaling(demo: Path, **sections) -> dict:
+    return {**args(demo), **sections}
+
+
+def test_model_autoscaling_target_above_what_the_routers_can_send_is_refused(demo):
+    from serve_app import build_app
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 7}
+    with pytest.raises(ValueError, match=r"model.autoscaling.target_ongoing_requests 7 is above the 6 batches the "
+                                         r"routers can keep on one model replica \(router replicas 2 x "
+                                         r"max_batches_in_flight 3\)"):
+        build_app(with_scaling(demo, model={"autoscaling": scaling},
+                               router={"num_replicas": 2, "max_batches_in_flight": 3}))
+    # The bound itself is fine, and the default target is the bound (pipeline depth 1 + 1 = 2 per router).
+    build_app(with_scaling(demo, model={"autoscaling": {**scaling, "target_ongoing_requests": 6}},
+                           router={"num_replicas": 2, "max_batches_in_flight": 3}))
+    with pytest.raises(ValueError, match=r"target_ongoing_requests 3 is above the 2 batches .* \(router replicas 1 "
+                                         r"x max_batches_in_flight 2\)"):
+        build_app(with_scaling(demo, model={"autoscaling": {**scaling, "target_ongoing_requests": 3}}))
+
+
+def test_router_autoscaling_target_above_its_max_ongoing_requests_is_refused(demo):
+    from serve_app import build_app
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 300}
+    with pytest.raises(ValueError, match=r"router.autoscaling.target_ongoing_requests 300 is above the 256 "
+                                         r"requests one router replica takes at once"):
+        build_app(with_scaling(demo, router={"autoscaling": scaling}))

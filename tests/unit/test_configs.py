@@ -26,6 +26,7 @@ from configs import (
 )
 from configs.base import StrictModel
 from configs.model import TokenizerRef
+from sharding.checkpoints.nemo import arch_from_nemo_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +95,7 @@ def nemotron_nemo_dict() -> dict[str, Any]:
 
 
 def nemotron_arch() -> ModelArchConfig:
-    return ModelArchConfig.from_nemo_dict(nemotron_nemo_dict(), vocab_size=256000)
+    return arch_from_nemo_config(nemotron_nemo_dict(), vocab_size=256000)
 
 
 def nemotron_service(**overrides: Any) -> ServiceConfig:
@@ -364,10 +365,10 @@ def test_service_check_against_runs_parallel_checks():
         config.check_against(arch())
 
 
-# --- ModelArchConfig and from_nemo_dict ----------------------------------------------------------------
+# --- ModelArchConfig and arch_from_nemo_config ----------------------------------------------------------------
 
 
-def test_from_nemo_dict_nemotron():
+def test_arch_from_nemo_config_nemotron():
     a = nemotron_arch()
     assert (a.num_layers, a.hidden_size, a.ffn_hidden_size) == (96, 18432, 73728)
     assert (a.num_attention_heads, a.num_query_groups, a.head_dim) == (96, 8, 192)
@@ -394,55 +395,55 @@ def test_from_nemo_dict_nemotron():
         (32001, 128, 2, 32256),
     ],
 )
-def test_from_nemo_dict_pads_vocab(vocab, divisible_by, tp, padded):
+def test_arch_from_nemo_config_pads_vocab(vocab, divisible_by, tp, padded):
     cfg = nemotron_nemo_dict()
     cfg["make_vocab_size_divisible_by"] = divisible_by
     cfg["tensor_model_parallel_size"] = tp
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=vocab).padded_vocab_size == padded
+    assert arch_from_nemo_config(cfg, vocab_size=vocab).padded_vocab_size == padded
 
 
-def test_from_nemo_dict_vocab_padding_defaults():
+def test_arch_from_nemo_config_vocab_padding_defaults():
     cfg = nemotron_nemo_dict()
     del cfg["make_vocab_size_divisible_by"], cfg["tensor_model_parallel_size"]
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=1000).padded_vocab_size == 1024
+    assert arch_from_nemo_config(cfg, vocab_size=1000).padded_vocab_size == 1024
 
 
-def test_from_nemo_dict_explicit_padded_vocab_wins():
+def test_arch_from_nemo_config_explicit_padded_vocab_wins():
     cfg = {**nemotron_nemo_dict(), "padded_vocab_size": 256128}
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000).padded_vocab_size == 256128
-    assert ModelArchConfig.from_nemo_dict(cfg).padded_vocab_size == 256128
+    assert arch_from_nemo_config(cfg, vocab_size=256000).padded_vocab_size == 256128
+    assert arch_from_nemo_config(cfg).padded_vocab_size == 256128
 
 
-def test_from_nemo_dict_needs_a_vocab_size():
+def test_arch_from_nemo_config_needs_a_vocab_size():
     with pytest.raises(ValueError, match="no padded_vocab_size and no tokenizer size"):
-        ModelArchConfig.from_nemo_dict(nemotron_nemo_dict())
+        arch_from_nemo_config(nemotron_nemo_dict())
 
 
-def test_from_nemo_dict_num_attributes_sources():
+def test_arch_from_nemo_config_num_attributes_sources():
     cfg = nemotron_nemo_dict()
     cfg["regression"] = {"num_attributes": 5}
     cfg["output_sequence_length"] = 7
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000).num_attributes == 5
+    assert arch_from_nemo_config(cfg, vocab_size=256000).num_attributes == 5
     del cfg["regression"]
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000).num_attributes == 7
+    assert arch_from_nemo_config(cfg, vocab_size=256000).num_attributes == 7
     del cfg["output_sequence_length"]
-    assert ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000).num_attributes == 1
+    assert arch_from_nemo_config(cfg, vocab_size=256000).num_attributes == 1
 
 
-def test_from_nemo_dict_fallbacks():
+def test_arch_from_nemo_config_fallbacks():
     cfg = nemotron_nemo_dict()
     cfg["num_query_groups"] = None  # NeMo writes null for plain multi-head attention
     del cfg["max_position_embeddings"]
     cfg["encoder_seq_length"] = 2048
-    a = ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000)
+    a = arch_from_nemo_config(cfg, vocab_size=256000)
     assert a.num_query_groups == 96
     assert a.max_position_embeddings == 2048
 
 
-def test_from_nemo_dict_does_not_mutate_input():
+def test_arch_from_nemo_config_does_not_mutate_input():
     cfg = nemotron_nemo_dict()
     before = copy.deepcopy(cfg)
-    ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000)
+    arch_from_nemo_config(cfg, vocab_size=256000)
     assert cfg == before
 
 
@@ -457,15 +458,15 @@ def test_from_nemo_dict_does_not_mutate_input():
         ({"rotary_percentage": 1.5}, "rotary_percentage"),
     ],
 )
-def test_from_nemo_dict_rotary_checks(overrides, message):
+def test_arch_from_nemo_config_rotary_checks(overrides, message):
     cfg = {**nemotron_nemo_dict(), **overrides}
     with pytest.raises(ValidationError, match=message):
-        ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000)
+        arch_from_nemo_config(cfg, vocab_size=256000)
 
 
 @pytest.mark.parametrize("percentage,rotary_dim", [(1.0, 192), (0.5, 96), (0.25, 48)])
 def test_rotary_fractions_accepted(percentage, rotary_dim):
-    a = ModelArchConfig.from_nemo_dict({**nemotron_nemo_dict(), "rotary_percentage": percentage}, vocab_size=256000)
+    a = arch_from_nemo_config({**nemotron_nemo_dict(), "rotary_percentage": percentage}, vocab_size=256000)
     assert a.head_dim * a.rotary_percentage == rotary_dim
 
 
@@ -488,7 +489,7 @@ def test_tokenizer_library_must_be_known():
     cfg = nemotron_nemo_dict()
     cfg["tokenizer"] = {"library": "megatron", "model": "x"}
     with pytest.raises(ValidationError, match="library"):
-        ModelArchConfig.from_nemo_dict(cfg, vocab_size=256000)
+        arch_from_nemo_config(cfg, vocab_size=256000)
 
 
 # --- the Serve config files ------------------------------------------------------------------------------

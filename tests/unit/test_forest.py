@@ -11,7 +11,7 @@ import pytest
 
 from configs.service import ParallelConfig
 from sharding.forest import ForestRow, build_forest, unique_tokens
-from sharding.micro_batches import budget_groups, computed_tokens, make_padded_micro_batches, plan_micro_batches
+from sharding.micro_batches import computed_tokens, plan_micro_batches
 
 
 def only_row(batch: list[list[int]], budget: int = 4096) -> tuple[ForestRow, np.ndarray]:
@@ -127,12 +127,13 @@ def test_random_batches_keep_every_path(seed):
 
 
 def test_padded_layout_under_a_token_budget():
-    groups, _ = budget_groups([5, 1, 3, 2], max_tokens_per_micro_batch=10)
-    assert [g.tolist() for g in groups] == [[0, 2], [3, 1]]
-    micro, order = make_padded_micro_batches([[1] * 5, [2], [3] * 3, [4] * 2], 10)
-    assert [t.shape for t, _ in micro] == [(2, 5), (2, 2)]
-    assert order.tolist() == [0, 2, 3, 1]
     padded = ParallelConfig(max_tokens_per_micro_batch=10, batch_layout="padded")
+    micro, order = plan_micro_batches([[1] * 5, [2], [3] * 3, [4] * 2], padded)
+    assert [t.shape for t, _ in micro] == [(2, 5), (2, 2)]  # count x longest <= 10, longest first
+    assert [lengths.tolist() for _, lengths in micro] == [[5, 3], [2, 1]]
+    assert order.tolist() == [0, 2, 3, 1]
+    with pytest.raises(ValueError, match="a sequence has 11 tokens; max_tokens_per_micro_batch is 10"):
+        plan_micro_batches([[1] * 11], padded)
     assert computed_tokens([[1] * 5, [2], [3] * 3, [4] * 2], padded) == 14
     forest = ParallelConfig(max_tokens_per_micro_batch=10)
     assert computed_tokens([[1, 2, 3], [1, 2, 4], [1, 2]], forest) == 4
