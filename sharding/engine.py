@@ -18,6 +18,12 @@ block in a recv or a collective with the failed rank until the torch.distributed
 notices a dead peer by itself; gloo notices a closed socket but not a rank stuck in Python). With the
 workers gone, every batch still in flight fails at once with EngineUnavailableError (503 at the router),
 check_health fails, and Serve replaces the replica with a fresh placement group.
+
+Health: `check_health` pings every worker in its control concurrency group (`sharding.worker`), which answers
+at once even while forwards are queued or running, with how long the rank's current forward has run. A rank
+whose forward has run longer than `runtime.collective_timeout_s` (plus `HANG_MARGIN_S`) is hung: the engine
+fails as above. Its peers' own collectives and receives raise within that timeout too (the process groups'
+steady-state timeout, `sharding.process_group.use_steady_state_timeout`), which fails the batch.
 """
 
 from __future__ import annotations
@@ -39,11 +45,15 @@ from sharding.checkpoints.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import EngineUnavailableError
 from sharding.micro_batches import plan_micro_batches
-from sharding.worker import ModelWorker
+from sharding.worker import ModelWorker, worker_actor_class
+
+HANG_MARGIN_S = 5.0  # a forward is hung past collective_timeout_s plus this (the peers' timeout fires first)
 
 
 class MegatronEngine:
-    def __init__(self, config: ServiceConfig, placement_group: PlacementGroup | None):
+    def __init__(self, config: ServiceConfig, placement_group: PlacementGroup | None,
+                 worker_class: type[ModelWorker] = ModelWorker):
+        """`worker_class`: `ModelWorker`, or a subclass that injects faults in tests."""
         self.config = config
         checkpoint = open_checkpoint(config.checkpoint_path)
         self.arch: ModelArchConfig = checkpoint.arch
@@ -52,7 +62,8 @@ class MegatronEngine:
         self._submit_lock = threading.Lock()  # held only while submitting, so every rank sees one order
         self._broken: str | None = None
         self._batch_ids = itertools.count()
-        self._in_flight: dict[int, float] = {}  # batch id -> submission time; pings queue behind these
+        self._in_flight: dict[int, float] = {}  # batch id -> submission time
+        actor_class = worker_actor_class(worker_class)
         options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
                    "runtime_env": {"env_vars": dict(config.runtime.worker_env)}}
         self.workers = []
@@ -64,7 +75,7 @@ class MegatronEngine:
                     placement_group_capture_child_tasks=True,
                 )
             self.workers.append(
-                ModelWorker.options(scheduling_strategy=strategy, **options).remote(
+                actor_class.options(scheduling_strategy=strategy, **options).remote(
                     slot.rank, self.arch, config.parallel, config.runtime, config.checkpoint_path
                 )
             )
@@ -138,24 +149,27 @@ class MegatronEngine:
         ]
 
     async def check_health(self) -> None:
-        """Pings every worker. A ping queues behind the forwards already submitted to that worker, so a ping
-        that misses the deadline while batches are in flight means busy, not broken, until the oldest batch
-        has been in flight for `runtime.distributed_timeout_s` (by then a rank stuck in a collective has
-        raised, and a dead worker fails its queued ping at once with an actor error)."""
+        """Pings every worker (control group: answered at once, even with forwards running); fails when a
+        worker is dead, misses `runtime.health_check_timeout_s`, or has run its current forward longer than
+        `runtime.collective_timeout_s` plus HANG_MARGIN_S (hung)."""
         if self._broken:
             raise EngineUnavailableError(self._broken)
         refs = [w.ping.remote() for w in self.workers]
         try:
-            await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.runtime.health_check_timeout_s)
+            answers = await asyncio.wait_for(asyncio.gather(*refs),
+                                             timeout=self.config.runtime.health_check_timeout_s)
         except asyncio.TimeoutError:
-            oldest = min(self._in_flight.values(), default=None)
-            if oldest is not None and time.monotonic() - oldest < self.config.runtime.distributed_timeout_s:
-                return
             self._fail("a model worker missed its health-check deadline")
             raise EngineUnavailableError(self._broken) from None
         except ray.exceptions.RayError as e:
             self._fail(f"a model worker failed its health check: {type(e).__name__}")
             raise EngineUnavailableError(self._broken) from None
+        limit_s = self.config.runtime.collective_timeout_s + HANG_MARGIN_S
+        for rank, running_s in answers:
+            if running_s is not None and running_s > limit_s:
+                self._fail(f"rank {rank} is hung: its forward has run {running_s:.0f} s; the limit is "
+                           f"collective_timeout_s {self.config.runtime.collective_timeout_s:g} s")
+                raise EngineUnavailableError(self._broken)
 
     def simulated_stats(self, reset: bool = False) -> list[dict]:
         """Per rank on a simulated device: modelled busy seconds, micro-batches, wall seconds (bench/simulated.py)."""

@@ -1,4 +1,9 @@
-"""torch.distributed + megatron parallel_state set-up for one process of the model-parallel world."""
+"""torch.distributed + megatron parallel_state set-up for one process of the model-parallel world.
+
+Two timeouts: the groups are created with `runtime.distributed_timeout_s` (the rendezvous of a set-up that
+also reads the weights), and `use_steady_state_timeout` lowers every group's to `runtime.collective_timeout_s`
+once the weights are loaded, so a rank stuck in a forward makes its peers' collectives and receives raise
+within that time instead of the loading timeout."""
 
 from __future__ import annotations
 
@@ -42,6 +47,16 @@ def init_model_parallel(runtime: RuntimeConfig, rank: int, world_size: int, mast
     )
     # Inference RNG tracker: no CUDA RNG state is forked (nothing here samples).
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def use_steady_state_timeout(runtime: RuntimeConfig) -> int:
+    """Sets `runtime.collective_timeout_s` on every process group of this rank (world, TP, PP, ...); returns
+    how many. Called after the weights are loaded: from then on no operation legitimately waits long."""
+    timeout = datetime.timedelta(seconds=runtime.collective_timeout_s)
+    groups = list(dist.distributed_c10d._world.pg_map)
+    for group in groups:
+        group.set_timeout(timeout)
+    return len(groups)
 
 
 def destroy_model_parallel() -> None:

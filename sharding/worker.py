@@ -20,11 +20,19 @@ the time: flex attention and megatron-core's fused activations compile there, so
 With `runtime.device: simulated` the stage is a `sharding.simulated.SimulatedStage` instead of the model:
 no weights are read and nothing is computed; the same loop, receives and sends carry its small stand-in
 activations, and it waits the cost model's time per micro-batch.
+
+Two concurrency groups: the model calls (`setup`, `forward`, ...) run one at a time, in submission order, on
+the actor's default thread; `ping` runs in the `control` group on a thread of its own, so a health check
+answers at once while forwards are queued or running, with how long the current forward has run (a rank
+whose forward runs past `runtime.collective_timeout_s` is hung: `sharding.engine` checks it). `ModelWorker` is
+a plain class: `worker_actor_class` makes the Ray actor class of it or of a subclass (fault-injection tests
+pass a subclass to the engine).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
@@ -35,7 +43,9 @@ from sharding.forest import ForestRow
 from sharding.micro_batches import MicroBatch
 
 
-@ray.remote
+CONCURRENCY_GROUPS = {"control": 1}  # ping beside the model calls (the default group: one thread, in order)
+
+
 class ModelWorker:
     def __init__(self, rank: int, arch: ModelArchConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
                  checkpoint_path: str):
@@ -46,6 +56,7 @@ class ModelWorker:
         self.checkpoint_path = checkpoint_path
         self.stage = None  # ModelStage, or SimulatedStage with runtime.device simulated
         self._previous_sends: list = []  # (tensor, request) of the last call: its tensors stay referenced
+        self._forward_since: float | None = None  # monotonic start of the forward running now, or None
 
     def node_info(self) -> tuple[str, str, list[str], str | None]:
         """(node IP, node id, GPU ids Ray assigned to this actor, placement group id)."""
@@ -68,7 +79,7 @@ class ModelWorker:
 
         from sharding.checkpoints.formats import load_checkpoint_into, open_checkpoint
         from sharding.model import build_stage_model
-        from sharding.process_group import init_model_parallel
+        from sharding.process_group import init_model_parallel, use_steady_state_timeout
 
         tp, pp = self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size
         init_model_parallel(self.runtime, self.rank, self.parallel.world_size, master_addr, master_port,
@@ -91,22 +102,30 @@ class ModelWorker:
                 print(f"rank {self.rank}: warm-up (torch.compile of flex attention and megatron-core's fused "
                       f"activations) took {self.warm_up_s:.1f} s on {self.parallel.batch_layout} micro-batches of "
                       f"up to {self.parallel.max_tokens_per_micro_batch} tokens", flush=True)
+        use_steady_state_timeout(self.runtime)
         return self.rank
 
     def warm_up_seconds(self) -> float | None:
         """Seconds the setup's warm-up took; None on a device that does not warm up (CPU)."""
         return getattr(self, "warm_up_s", None)
 
-    def ping(self) -> int:
+    @ray.method(concurrency_group="control")
+    def ping(self) -> tuple[int, float | None]:
+        """(rank, seconds the forward running now has run, or None when idle); answers while forwards run."""
         if self.stage is None:
             raise RuntimeError(f"rank {self.rank} is not set up")
-        return self.rank
+        since = self._forward_since
+        return self.rank, None if since is None else time.monotonic() - since
 
     def forward(self, micro_batches: list[MicroBatch] | list[ForestRow]) -> np.ndarray | None:
         """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
         builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
-        rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
-                                                              self._previous_sends)
+        self._forward_since = time.monotonic()
+        try:
+            rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
+                                                                  self._previous_sends)
+        finally:
+            self._forward_since = None
         return rewards
 
     def simulated_stats(self, reset: bool = False) -> dict[str, float]:
@@ -117,6 +136,11 @@ class ModelWorker:
         if reset:
             self.stage.reset_stats()
         return stats
+
+
+def worker_actor_class(worker_class: type[ModelWorker] = ModelWorker):
+    """The Ray actor class of `worker_class` (`ModelWorker` or a subclass), with the control concurrency group."""
+    return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_class)
 
 
 def forward_micro_batches(stage, micro_batches: list, parallel: ParallelConfig, previous_sends: list

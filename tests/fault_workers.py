@@ -1,0 +1,33 @@
+"""Worker subclasses that inject faults, for tests only: the engine takes a worker class
+(`MegatronEngine(..., worker_class=...)`), so no production flag turns faults on."""
+
+from __future__ import annotations
+
+import time
+
+from sharding.worker import ModelWorker
+
+
+class SlowForwardWorker(ModelWorker):
+    """Every forward takes at least FORWARD_S more: batches stay in flight long enough to saturate the service."""
+
+    FORWARD_S = 3.0
+
+    def forward(self, micro_batches):
+        time.sleep(self.FORWARD_S)
+        return super().forward(micro_batches)
+
+
+class HangingRankWorker(ModelWorker):
+    """Rank HANGING_RANK sleeps HANG_S inside its first forward (before any collective), as a rank stuck in
+    steady state would; its peers wait for it in their first collective."""
+
+    HANGING_RANK = 1
+    HANG_S = 60.0
+
+    def forward(self, micro_batches):
+        if self.rank == self.HANGING_RANK and not getattr(self, "_hung", False):
+            self._hung = True
+            self._forward_since = time.monotonic()
+            time.sleep(self.HANG_S)
+        return super().forward(micro_batches)
