@@ -57,6 +57,7 @@ class ModelWorker:
         self.stage = None  # ModelStage, or SimulatedStage with runtime.device simulated
         self._previous_sends: list = []  # (tensor, request) of the last call: its tensors stay referenced
         self._forward_since: float | None = None  # monotonic start of the forward running now, or None
+        self._detached: list | None = None  # the model's process-group attributes while out of the groups
 
     def node_info(self) -> tuple[str, str, list[str], str | None]:
         """(node IP, node id, GPU ids Ray assigned to this actor, placement group id)."""
@@ -64,6 +65,7 @@ class ModelWorker:
         gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
         return ray.util.get_node_ip_address(), ctx.get_node_id(), gpus, ctx.get_placement_group_id()
 
+    @ray.method(concurrency_group="control")
     def free_port(self) -> int:
         """A free port on this worker's node, for the rendezvous that rank 0 hosts."""
         from sharding.process_group import free_port
@@ -120,13 +122,52 @@ class ModelWorker:
     def forward(self, micro_batches: list[MicroBatch] | list[ForestRow]) -> np.ndarray | None:
         """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
         builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
+        import torch.distributed as dist
+
+        from sharding.protocol import BatchFault
+
+        if not dist.is_initialized():  # left the groups after a fault; the engine rejoins them before retrying
+            raise BatchFault(self.rank, "not in the process groups (a peer's fault)", collateral=True)
         self._forward_since = time.monotonic()
         try:
             rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
                                                                   self._previous_sends)
+        except Exception as exc:  # noqa: BLE001 - any fault: leave the groups so no peer waits on this rank
+            lines = str(exc).strip().splitlines()
+            message = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+            if "Timed out" in message:  # a peer is hung: not a batch fault (the engine fails over)
+                raise
+            self._leave_process_groups()
+            raise BatchFault(self.rank, message, collateral="Connection closed by peer" in message) from None
         finally:
             self._forward_since = None
         return rewards
+
+    def _leave_process_groups(self) -> None:
+        from sharding.process_group import detach_process_groups, leave_process_groups
+
+        self._previous_sends = []
+        model = getattr(self.stage, "model", None)
+        if self._detached is None:
+            self._detached = detach_process_groups(model) if model is not None else []
+        leave_process_groups()
+
+    def rejoin(self, master_addr: str, master_port: int) -> int:
+        """After a batch fault: leaves the old process groups (if still in them), joins new ones at
+        `master_addr:master_port` with every other rank, and puts them back into the model. The weights stay."""
+        import torch.distributed as dist
+
+        from sharding.process_group import init_model_parallel, reattach_process_groups, use_steady_state_timeout
+
+        if dist.is_initialized():
+            self._leave_process_groups()
+        init_model_parallel(self.runtime, self.rank, self.parallel.world_size, master_addr, master_port,
+                            tp=self.parallel.tensor_parallel_size, pp=self.parallel.pipeline_parallel_size,
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        use_steady_state_timeout(self.runtime)
+        reattach_process_groups(self._detached or [])
+        self._detached = None
+        return self.rank
 
     def simulated_stats(self, reset: bool = False) -> dict[str, float]:
         """A simulated stage's modelled busy seconds, micro-batches and wall seconds (then zeroed if `reset`)."""

@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import ray
 from ray import serve
@@ -177,3 +178,59 @@ def test_hung_rank_fails_the_health_check(ray_cluster, demo_checkpoint, token_ba
 def token_batch_short(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>")
             for p in ("Hello there.", "What is 2 + 2?")]
+
+
+def test_poison_prompt_fails_alone_and_workers_survive(ray_cluster, demo_checkpoint, reference_scorer, tokenizer):
+    """TP 2 x PP 2: rank 3 (last stage) raises mid-batch on one prompt. The other prompts of the batch get their
+    reference scores, the poison prompt alone fails with the rank's message, no worker is restarted (same
+    actor ids), the poison prompt sent again fails again without a reload, and a clean batch afterwards
+    scores exactly as before."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sharding.engine import MegatronEngine
+    from sharding.placement import placement_for
+    from sharding.protocol import PartialScores
+    from tests.fault_workers import PoisonPromptWorker
+
+    prompts = ["Hello there.", "What is 2 + 2?", "List three prime numbers. " * 5, "ok",
+               "Write a haiku about bread. " * 6, "Explain why the sky is blue in two sentences."]
+    clean = [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>") for p in prompts]
+    assert all(len(t) != PoisonPromptWorker.POISON_LENGTH for t in clean)
+    poison = clean[2][:PoisonPromptWorker.POISON_LENGTH]
+    batch = clean[:3] + [poison] + clean[3:]
+    reference = reference_scorer.score(clean)
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "batch_layout": "padded",
+                                   "max_tokens_per_micro_batch": 2 * max(len(t) for t in batch)},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5}))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = None
+    try:
+        engine = MegatronEngine(config, pg, worker_class=PoisonPromptWorker)
+        actors = [w["actor_id"] for w in engine.describe()]
+
+        async def scenario():
+            first = await engine.score(batch)
+            again = await engine.score([poison, clean[0]])
+            after = await engine.score(clean)
+            return first, again, after
+
+        first, again, after = asyncio.run(scenario())
+        assert isinstance(first, PartialScores), type(first)
+        assert list(first.failures) == [3], first.failures
+        assert "rank 3" in first.failures[3] and "injected fault" in first.failures[3], first.failures
+        assert np.isnan(first.attributes[3]).all()
+        np.testing.assert_allclose(np.delete(first.attributes, 3, axis=0), reference, atol=1e-5, rtol=0)
+        assert isinstance(again, PartialScores) and list(again.failures) == [0], again
+        np.testing.assert_allclose(again.attributes[1], reference[0], atol=1e-5, rtol=0)
+        assert isinstance(after, np.ndarray)
+        np.testing.assert_allclose(after, reference, atol=1e-5, rtol=0)
+        assert [w["actor_id"] for w in engine.describe()] == actors  # no worker restarted, nothing reloaded
+        assert engine.rejoins >= 2 and engine.broken is None
+        asyncio.run(engine.check_health())
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        remove_placement_group(pg)
