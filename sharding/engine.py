@@ -20,7 +20,7 @@ Failure costs (README, Health):
   on a new port (`ModelWorker.rejoin`, queued behind the forwards already submitted), weights kept. The faulted
   batch is bisected and retried until the fault is pinned to its prompts (`PartialScores`: those rows fail,
   every other prompt is scored); batches that failed only through the fault are sent again as they were. A
-  poison prompt costs a rejoin per attempt (about a second on gloo), never a reload.
+  poison prompt costs a rejoin per bisection step (no weights read), never a reload.
 * A dead worker or a hung one (a peer's collective timed out, or the health check below) marks the engine
   broken and kills every worker, so no rank waits on a dead peer (NCCL never notices one by itself); every
   batch still in flight fails at once with EngineUnavailableError (503 at the router, or retried on another
