@@ -48,7 +48,7 @@ def build_app(args: dict[str, Any]) -> Application:
         placement_group_bundles=plan.bundles,
         placement_group_strategy=plan.strategy,
         ray_actor_options={"num_cpus": config.runtime.replica_cpus},
-        max_ongoing_requests=config.model_max_ongoing_requests,
+        max_ongoing_requests=config.model_max_ongoing_calls,  # batches + readiness checks
         request_router_config=RequestRouterConfig(request_router_class=MODEL_REQUEST_ROUTER,
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         **replica_options(config.model, target=config.model_max_ongoing_requests),

@@ -85,6 +85,7 @@ class ParallelConfig(StrictModel):
                 raise ValueError(f"{name} {value} is not divisible by {by_name} {by}")
 
 
+MODEL_CONTROL_CALLS = 2  # per router replica: readiness checks beside the batches on a model replica
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SimulatedAccelerator = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
 
@@ -120,7 +121,18 @@ class RuntimeConfig(StrictModel):
     worker_env: dict[str, str] = Field(
         default_factory=dict, description="Environment for worker actors (NCCL_* settings, for example)."
     )
-    distributed_timeout_s: float = Field(default=600.0, gt=0, description="torch.distributed timeout.")
+    distributed_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="Timeout of the set-up: the process-group rendezvous and the weight loading (no collective "
+                    "runs while the weights load; the engine waits for every rank's set-up, a barrier with this "
+                    "timeout). Long for large checkpoints (1800 s for the 340B).",
+    )
+    collective_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="Steady-state timeout, once the weights are loaded: a collective or a pipeline transfer "
+                    "that waits longer raises on the waiting rank, and a rank whose forward call has run longer "
+                    "fails the health check (hung). Separate from distributed_timeout_s, which covers loading.",
+    )
     health_check_timeout_s: float = Field(default=10.0, gt=0, description="Deadline for a worker ping.")
     forest_attention: Literal["auto", "branches", "dense", "flex"] = Field(
         default="auto",
@@ -402,8 +414,15 @@ class ServiceConfig(StrictModel):
 
     @property
     def model_max_ongoing_requests(self) -> int:
-        """Serve's `max_ongoing_requests` of a model replica: what every router may keep in flight on it."""
+        """The model batches every router may keep in flight on one model replica (the autoscaling target)."""
         return self.router.max_replicas * self.max_batches_in_flight
+
+    @property
+    def model_max_ongoing_calls(self) -> int:
+        """Serve's `max_ongoing_requests` of a model replica: the batches of `model_max_ongoing_requests` plus
+        MODEL_CONTROL_CALLS per router replica, so a readiness check (`check_health` through the handle) is
+        never queued behind batches when the replica is saturated."""
+        return self.model_max_ongoing_requests + self.router.max_replicas * MODEL_CONTROL_CALLS
 
     def max_input_tokens(self, arch: ModelArchConfig) -> int:
         limit = self.router.max_input_tokens or arch.max_position_embeddings

@@ -14,7 +14,7 @@ from ray import serve
 from ray.util import get_current_placement_group
 
 from configs.service import ServiceConfig
-from sharding.protocol import EngineUnavailableError, RewardEngine
+from sharding.protocol import EngineUnavailableError, PartialScores, RewardEngine
 
 EngineFactory = Callable[[ServiceConfig], RewardEngine]
 
@@ -31,9 +31,11 @@ class RewardModelDeployment:
         self.config = ServiceConfig.model_validate(config)
         self.engine = engine_factory(self.config)
 
-    async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Rewards float32 [B, num_attributes] for token lists (one per prompt, unpadded); raises
-        EngineUnavailableError naming this replica, so routers retry elsewhere and avoid it."""
+    async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray | PartialScores:
+        """Rewards float32 [B, num_attributes] for token lists (one per prompt, unpadded), or PartialScores when
+        a fault inside a forward was pinned to some prompts (their rows fail, the rest are scored; the router
+        maps it with `deployments.prompt_faults`); raises EngineUnavailableError naming this replica, so
+        routers retry elsewhere and avoid it."""
         try:
             return await self.engine.score(token_batch)
         except EngineUnavailableError as e:

@@ -67,6 +67,7 @@ from deployments.openapi_docs import (
 )
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
 from deployments.prompt import TokenizedPrompt
+from deployments.prompt_faults import PromptFaults
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
 from deployments.scoring import scored_rows
@@ -116,6 +117,7 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
         self._replica_follower: asyncio.Task | None = None
         self._routers: Any = None  # handle to the Router deployment (prefix affinity), made on first use
         self._affinity_prompts: dict[str | None, int] = {}  # requests scored here as their key's home
+        self._prompt_faults = PromptFaults()  # per-prompt faults from the model (deployments.prompt_faults)
 
     @property
     def max_input_tokens(self) -> int:
@@ -140,6 +142,7 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
                     await asyncio.sleep(FAILOVER_BACKOFF_S * (attempt + 1))
         finally:
             self._metrics.batch_finished(time.perf_counter() - started_s)
+        output = self._prompt_faults.unpack(output, token_lists)  # per-prompt faults: deployments.prompt_faults
         attributes = np.asarray(output, dtype=np.float32)
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
@@ -163,6 +166,9 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
         attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
         bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
         if bad.size:
+            fault = self._prompt_faults.message_for(token_lists[int(bad[0])])  # deployments.prompt_faults
+            if fault is not None:
+                raise ServiceError(f"the model failed on prompt {int(bad[0])} of the request: {fault}")
             raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
                                f"the request ({bad.size} in all); no score is given")
         return ModelScores(attributes, rows[:, -1])

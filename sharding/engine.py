@@ -12,12 +12,25 @@ submission order, so the collectives and point-to-point transfers of two batches
 is released at once: stage 0 starts batch k+1 while stage 1 still computes batch k (the stages are
 different actors), and several batches can be queued at the workers.
 
-Failure: the first error from any rank (a dead actor, or an exception inside a forward) marks the engine
-broken at once and kills every worker. Killing is the fail-fast choice: the surviving ranks would otherwise
-block in a recv or a collective with the failed rank until the torch.distributed timeout (NCCL never
-notices a dead peer by itself; gloo notices a closed socket but not a rank stuck in Python). With the
-workers gone, every batch still in flight fails at once with EngineUnavailableError (503 at the router),
-check_health fails, and Serve replaces the replica with a fresh placement group.
+Failure costs (README, Health):
+* A batch fault (an exception inside a forward on some rank: an out-of-memory on an odd batch, a kernel
+  assertion) costs that batch, not the workers: the rank leaves the process groups
+  (`sharding.process_group.detach_process_groups` / `leave_process_groups`), which makes its peers' pending
+  receives and collectives raise at once, and they leave too; the engine then has every rank rejoin new groups
+  on a new port (`ModelWorker.rejoin`, queued behind the forwards already submitted), weights kept. The faulted
+  batch is bisected and retried until the fault is pinned to its prompts (`PartialScores`: those rows fail,
+  every other prompt is scored); batches that failed only through the fault are sent again as they were. A
+  poison prompt costs a rejoin per bisection step (no weights read), never a reload.
+* A dead worker or a hung one (a peer's collective timed out, or the health check below) marks the engine
+  broken and kills every worker, so no rank waits on a dead peer (NCCL never notices one by itself); every
+  batch still in flight fails at once with EngineUnavailableError (503 at the router, or retried on another
+  model replica), check_health fails, and Serve replaces the replica with a fresh placement group.
+
+Health: `check_health` pings every worker in its control concurrency group (`sharding.worker`), which answers
+at once even while forwards are queued or running, with how long the rank's current forward has run. A rank
+whose forward has run longer than `runtime.collective_timeout_s` (plus `HANG_MARGIN_S`) is hung: the engine
+fails as above. Its peers' own collectives and receives raise within that timeout too (the process groups'
+steady-state timeout, `sharding.process_group.use_steady_state_timeout`), which fails the batch.
 """
 
 from __future__ import annotations
@@ -37,13 +50,18 @@ from configs.model import ModelArchConfig
 from configs.service import ServiceConfig
 from sharding.checkpoints.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
-from sharding.protocol import EngineUnavailableError
+from sharding.protocol import BatchFault, EngineUnavailableError, PartialScores
 from sharding.micro_batches import plan_micro_batches
-from sharding.worker import ModelWorker
+from sharding.worker import ModelWorker, worker_actor_class
+
+COLLATERAL_RETRIES = 3  # a batch that failed only through other batches' faults is sent again this often
+HANG_MARGIN_S = 5.0  # a forward is hung past collective_timeout_s plus this (the peers' timeout fires first)
 
 
 class MegatronEngine:
-    def __init__(self, config: ServiceConfig, placement_group: PlacementGroup | None):
+    def __init__(self, config: ServiceConfig, placement_group: PlacementGroup | None,
+                 worker_class: type[ModelWorker] = ModelWorker):
+        """`worker_class`: `ModelWorker`, or a subclass that injects faults in tests."""
         self.config = config
         checkpoint = open_checkpoint(config.checkpoint_path)
         self.arch: ModelArchConfig = checkpoint.arch
@@ -52,7 +70,11 @@ class MegatronEngine:
         self._submit_lock = threading.Lock()  # held only while submitting, so every rank sees one order
         self._broken: str | None = None
         self._batch_ids = itertools.count()
-        self._in_flight: dict[int, float] = {}  # batch id -> submission time; pings queue behind these
+        self._in_flight: dict[int, float] = {}  # batch id -> submission time
+        self._generation = 0  # process groups rebuilt this often (batch faults); batches record theirs
+        self._rejoining: list = []
+        self.rejoins = 0
+        actor_class = worker_actor_class(worker_class)
         options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
                    "runtime_env": {"env_vars": dict(config.runtime.worker_env)}}
         self.workers = []
@@ -64,7 +86,7 @@ class MegatronEngine:
                     placement_group_capture_child_tasks=True,
                 )
             self.workers.append(
-                ModelWorker.options(scheduling_strategy=strategy, **options).remote(
+                actor_class.options(scheduling_strategy=strategy, **options).remote(
                     slot.rank, self.arch, config.parallel, config.runtime, config.checkpoint_path
                 )
             )
@@ -79,7 +101,34 @@ class MegatronEngine:
         # The last stage's TP rank 0 returns the rewards.
         self._output_rank = (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
 
-    async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray:
+    async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray | PartialScores:
+        """float32 [B, A]; or PartialScores when a fault inside a forward was pinned (by bisection) to some
+        prompts: those rows fail, every other prompt of the batch is scored."""
+        if self._broken:
+            raise EngineUnavailableError(self._broken)
+        rewards, failures = await self._score_or_bisect(list(token_batch))
+        return PartialScores(rewards, failures) if failures else rewards
+
+    async def _score_or_bisect(self, batch: list) -> tuple[np.ndarray, dict[int, str]]:
+        """Scores `batch`; on a fault of its own, scores its halves (recursively) so only the prompts that
+        trigger the fault fail. A batch that failed only because another batch's fault took the process
+        groups down is sent again as it is (at most COLLATERAL_RETRIES times)."""
+        for _ in range(COLLATERAL_RETRIES):
+            try:
+                return await self._score_once(batch), {}
+            except _CollateralFault:
+                continue
+            except _OwnFault as fault:
+                if len(batch) == 1:
+                    return np.full((1, self.arch.num_attributes), np.nan, dtype=np.float32), {0: fault.message}
+                half = len(batch) // 2
+                (left, left_failed), (right, right_failed) = await asyncio.gather(
+                    self._score_or_bisect(batch[:half]), self._score_or_bisect(batch[half:]))
+                return (np.concatenate([left, right]),
+                        {**left_failed, **{half + row: message for row, message in right_failed.items()}})
+        raise EngineUnavailableError(f"a batch failed {COLLATERAL_RETRIES} times because of other batches' faults")
+
+    async def _score_once(self, token_batch: list) -> np.ndarray:
         if self._broken:
             raise EngineUnavailableError(self._broken)
         micro_batches, order = plan_micro_batches(token_batch, self.config.parallel)
@@ -89,6 +138,7 @@ class MegatronEngine:
                 raise EngineUnavailableError(self._broken)
             refs = [w.forward.remote(ref) for w in self.workers]
             batch_id = next(self._batch_ids)
+            generation = self._generation
             self._in_flight[batch_id] = time.monotonic()
         futures = [asyncio.ensure_future(_as_future(r)) for r in refs]
         try:
@@ -101,16 +151,63 @@ class MegatronEngine:
             asyncio.gather(*futures, return_exceptions=True).add_done_callback(
                 lambda _: self._in_flight.pop(batch_id, None))
             raise
-        except Exception as e:  # noqa: BLE001 - any rank's failure leaves the others stuck mid-batch
+        except Exception:  # noqa: BLE001 - a batch fault (every rank survives) or a lost worker
+            # Every rank of a faulted batch returns soon: the faulting rank left the groups, so its peers'
+            # pending operations raise at once (and they leave too).
             self._in_flight.pop(batch_id, None)
-            self._fail(f"a model worker failed: {_describe_error(e)}")
-            for f in futures:
-                f.cancel()
-            raise EngineUnavailableError(self._broken) from None
+            first = [f.exception() for f in done if f.exception() is not None]
+            if any(_batch_fault(e) is None for e in first):  # a dead or hung worker: no waiting for the rest
+                await self._after_fault(first, generation)
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                                 timeout=self.config.runtime.collective_timeout_s + HANG_MARGIN_S)
+            except asyncio.TimeoutError:
+                self._fail("a model worker did not return from a faulted batch within collective_timeout_s")
+                raise EngineUnavailableError(self._broken) from None
+            await self._after_fault(results, generation)
+            raise AssertionError("unreachable")  # _after_fault always raises
         self._in_flight.pop(batch_id, None)
         rewards = np.empty_like(sorted_rewards)
         rewards[order] = sorted_rewards
         return rewards
+
+    async def _after_fault(self, results: list, generation: int) -> None:
+        """Classifies a failed batch's per-rank results and raises: _OwnFault (a rank's own exception),
+        _CollateralFault (only peers' faults), after every rank has rejoined new process groups; or, for a dead
+        or hung worker, fails the engine (EngineUnavailableError)."""
+        errors = [r for r in results if isinstance(r, BaseException)]
+        faults = [_batch_fault(e) for e in errors]
+        if any(f is None for f in faults):
+            other = next(e for e, f in zip(errors, faults) if f is None)
+            self._fail(f"a model worker failed: {_describe_error(other)}")
+            raise EngineUnavailableError(self._broken)
+        await self._rejoin(generation)
+        own = [f for f in faults if not f.collateral]
+        if own:
+            raise _OwnFault("; ".join(str(f) for f in own))
+        raise _CollateralFault()
+
+    async def _rejoin(self, generation: int) -> None:
+        """Every rank leaves the old process groups and joins new ones on a new port, once per fault (the
+        first batch of a generation to see the fault queues it; later batches find the generation moved on).
+        The rejoin calls queue behind every forward already submitted, so they run when each rank is idle;
+        batches submitted afterwards run on the new groups."""
+        port = await self.workers[0].free_port.remote()
+        with self._submit_lock:
+            if self._broken:
+                raise EngineUnavailableError(self._broken)
+            if generation == self._generation:
+                self._generation += 1
+                master = self.node_info[0][0]
+                self._rejoining = [w.rejoin.remote(master, port) for w in self.workers]
+                self.rejoins += 1
+            pending = self._rejoining
+        try:
+            await asyncio.wait_for(asyncio.gather(*pending),
+                                   timeout=self.config.runtime.collective_timeout_s + HANG_MARGIN_S)
+        except Exception as e:  # noqa: BLE001 - a rank that cannot rejoin: the replica is replaced
+            self._fail(f"the ranks could not rejoin their process groups after a batch fault: {_describe_error(e)}")
+            raise EngineUnavailableError(self._broken) from None
 
     def _fail(self, reason: str) -> None:
         """Marks the engine broken (first reason wins) and kills every worker so no rank waits on a dead peer."""
@@ -138,24 +235,27 @@ class MegatronEngine:
         ]
 
     async def check_health(self) -> None:
-        """Pings every worker. A ping queues behind the forwards already submitted to that worker, so a ping
-        that misses the deadline while batches are in flight means busy, not broken, until the oldest batch
-        has been in flight for `runtime.distributed_timeout_s` (by then a rank stuck in a collective has
-        raised, and a dead worker fails its queued ping at once with an actor error)."""
+        """Pings every worker (control group: answered at once, even with forwards running); fails when a
+        worker is dead, misses `runtime.health_check_timeout_s`, or has run its current forward longer than
+        `runtime.collective_timeout_s` plus HANG_MARGIN_S (hung)."""
         if self._broken:
             raise EngineUnavailableError(self._broken)
         refs = [w.ping.remote() for w in self.workers]
         try:
-            await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.runtime.health_check_timeout_s)
+            answers = await asyncio.wait_for(asyncio.gather(*refs),
+                                             timeout=self.config.runtime.health_check_timeout_s)
         except asyncio.TimeoutError:
-            oldest = min(self._in_flight.values(), default=None)
-            if oldest is not None and time.monotonic() - oldest < self.config.runtime.distributed_timeout_s:
-                return
             self._fail("a model worker missed its health-check deadline")
             raise EngineUnavailableError(self._broken) from None
         except ray.exceptions.RayError as e:
             self._fail(f"a model worker failed its health check: {type(e).__name__}")
             raise EngineUnavailableError(self._broken) from None
+        limit_s = self.config.runtime.collective_timeout_s + HANG_MARGIN_S
+        for rank, running_s in answers:
+            if running_s is not None and running_s > limit_s:
+                self._fail(f"rank {rank} is hung: its forward has run {running_s:.0f} s; the limit is "
+                           f"collective_timeout_s {self.config.runtime.collective_timeout_s:g} s")
+                raise EngineUnavailableError(self._broken)
 
     def simulated_stats(self, reset: bool = False) -> list[dict]:
         """Per rank on a simulated device: modelled busy seconds, micro-batches, wall seconds (bench/simulated.py)."""
@@ -165,6 +265,26 @@ class MegatronEngine:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+
+
+class _OwnFault(Exception):
+    """A batch raised inside a forward on some rank (its own fault)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class _CollateralFault(Exception):
+    """A batch failed only because another batch's fault took the process groups down."""
+
+
+def _batch_fault(exc: BaseException) -> BatchFault | None:
+    """The BatchFault a rank raised (Ray wraps it; `cause` is the original), or None for anything else."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BatchFault):
+        return cause
+    return exc if isinstance(exc, BatchFault) else None
 
 
 async def _as_future(ref):

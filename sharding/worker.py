@@ -20,11 +20,19 @@ the time: flex attention and megatron-core's fused activations compile there, so
 With `runtime.device: simulated` the stage is a `sharding.simulated.SimulatedStage` instead of the model:
 no weights are read and nothing is computed; the same loop, receives and sends carry its small stand-in
 activations, and it waits the cost model's time per micro-batch.
+
+Two concurrency groups: the model calls (`setup`, `forward`, ...) run one at a time, in submission order, on
+the actor's default thread; `ping` runs in the `control` group on a thread of its own, so a health check
+answers at once while forwards are queued or running, with how long the current forward has run (a rank
+whose forward runs past `runtime.collective_timeout_s` is hung: `sharding.engine` checks it). `ModelWorker` is
+a plain class: `worker_actor_class` makes the Ray actor class of it or of a subclass (fault-injection tests
+pass a subclass to the engine).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import ray
@@ -35,7 +43,9 @@ from sharding.forest import ForestRow
 from sharding.micro_batches import MicroBatch
 
 
-@ray.remote
+CONCURRENCY_GROUPS = {"control": 1}  # ping beside the model calls (the default group: one thread, in order)
+
+
 class ModelWorker:
     def __init__(self, rank: int, arch: ModelArchConfig, parallel: ParallelConfig, runtime: RuntimeConfig,
                  checkpoint_path: str):
@@ -46,6 +56,8 @@ class ModelWorker:
         self.checkpoint_path = checkpoint_path
         self.stage = None  # ModelStage, or SimulatedStage with runtime.device simulated
         self._previous_sends: list = []  # (tensor, request) of the last call: its tensors stay referenced
+        self._forward_since: float | None = None  # monotonic start of the forward running now, or None
+        self._detached: list | None = None  # the model's process-group attributes while out of the groups
 
     def node_info(self) -> tuple[str, str, list[str], str | None]:
         """(node IP, node id, GPU ids Ray assigned to this actor, placement group id)."""
@@ -53,6 +65,7 @@ class ModelWorker:
         gpus = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
         return ray.util.get_node_ip_address(), ctx.get_node_id(), gpus, ctx.get_placement_group_id()
 
+    @ray.method(concurrency_group="control")
     def free_port(self) -> int:
         """A free port on this worker's node, for the rendezvous that rank 0 hosts."""
         from sharding.process_group import free_port
@@ -68,7 +81,7 @@ class ModelWorker:
 
         from sharding.checkpoints.formats import load_checkpoint_into, open_checkpoint
         from sharding.model import build_stage_model
-        from sharding.process_group import init_model_parallel
+        from sharding.process_group import init_model_parallel, use_steady_state_timeout
 
         tp, pp = self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size
         init_model_parallel(self.runtime, self.rank, self.parallel.world_size, master_addr, master_port,
@@ -91,23 +104,70 @@ class ModelWorker:
                 print(f"rank {self.rank}: warm-up (torch.compile of flex attention and megatron-core's fused "
                       f"activations) took {self.warm_up_s:.1f} s on {self.parallel.batch_layout} micro-batches of "
                       f"up to {self.parallel.max_tokens_per_micro_batch} tokens", flush=True)
+        use_steady_state_timeout(self.runtime)
         return self.rank
 
     def warm_up_seconds(self) -> float | None:
         """Seconds the setup's warm-up took; None on a device that does not warm up (CPU)."""
         return getattr(self, "warm_up_s", None)
 
-    def ping(self) -> int:
+    @ray.method(concurrency_group="control")
+    def ping(self) -> tuple[int, float | None]:
+        """(rank, seconds the forward running now has run, or None when idle); answers while forwards run."""
         if self.stage is None:
             raise RuntimeError(f"rank {self.rank} is not set up")
-        return self.rank
+        since = self._forward_since
+        return self.rank, None if since is None else time.monotonic() - since
 
     def forward(self, micro_batches: list[MicroBatch] | list[ForestRow]) -> np.ndarray | None:
         """Padded micro-batches or forest rows (`sharding.micro_batches.plan_micro_batches`); every stage
         builds its own positions and masks from the micro-batch, only hidden states travel between stages."""
-        rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
-                                                              self._previous_sends)
+        import torch.distributed as dist
+
+        from sharding.protocol import BatchFault
+
+        if not dist.is_initialized():  # left the groups after a fault; the engine rejoins them before retrying
+            raise BatchFault(self.rank, "not in the process groups (a peer's fault)", collateral=True)
+        self._forward_since = time.monotonic()
+        try:
+            rewards, self._previous_sends = forward_micro_batches(self.stage, micro_batches, self.parallel,
+                                                                  self._previous_sends)
+        except Exception as exc:  # noqa: BLE001 - any fault: leave the groups so no peer waits on this rank
+            lines = str(exc).strip().splitlines()
+            message = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+            if "Timed out" in message:  # a peer is hung: not a batch fault (the engine fails over)
+                raise
+            self._leave_process_groups()
+            raise BatchFault(self.rank, message, collateral="Connection closed by peer" in message) from None
+        finally:
+            self._forward_since = None
         return rewards
+
+    def _leave_process_groups(self) -> None:
+        from sharding.process_group import detach_process_groups, leave_process_groups
+
+        self._previous_sends = []
+        model = getattr(self.stage, "model", None)
+        if self._detached is None:
+            self._detached = detach_process_groups(model) if model is not None else []
+        leave_process_groups()
+
+    def rejoin(self, master_addr: str, master_port: int) -> int:
+        """After a batch fault: leaves the old process groups (if still in them), joins new ones at
+        `master_addr:master_port` with every other rank, and puts them back into the model. The weights stay."""
+        import torch.distributed as dist
+
+        from sharding.process_group import init_model_parallel, reattach_process_groups, use_steady_state_timeout
+
+        if dist.is_initialized():
+            self._leave_process_groups()
+        init_model_parallel(self.runtime, self.rank, self.parallel.world_size, master_addr, master_port,
+                            tp=self.parallel.tensor_parallel_size, pp=self.parallel.pipeline_parallel_size,
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        use_steady_state_timeout(self.runtime)
+        reattach_process_groups(self._detached or [])
+        self._detached = None
+        return self.rank
 
     def simulated_stats(self, reset: bool = False) -> dict[str, float]:
         """A simulated stage's modelled busy seconds, micro-batches and wall seconds (then zeroed if `reset`)."""
@@ -117,6 +177,11 @@ class ModelWorker:
         if reset:
             self.stage.reset_stats()
         return stats
+
+
+def worker_actor_class(worker_class: type[ModelWorker] = ModelWorker):
+    """The Ray actor class of `worker_class` (`ModelWorker` or a subclass), with the control concurrency group."""
+    return ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_class)
 
 
 def forward_micro_batches(stage, micro_batches: list, parallel: ParallelConfig, previous_sends: list

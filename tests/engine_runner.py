@@ -20,9 +20,11 @@ def score_with_engine(config: ServiceConfig, token_batch: Sequence[Sequence[int]
 
 
 def score_batches_with_engine(config: ServiceConfig, token_batches: Sequence[Sequence[Sequence[int]]],
-                              inspect: Callable[[object], None] | None = None) -> list[np.ndarray]:
+                              inspect: Callable[[object], None] | None = None, worker_class: type | None = None
+                              ) -> list[np.ndarray]:
     """Scores all `token_batches` at once (every batch in flight together, none awaited before the last is
-    submitted); `inspect(engine)` runs while the workers are still alive."""
+    submitted); `inspect(engine)` runs while the workers are still alive; `worker_class`: a fault-injecting
+    `ModelWorker` subclass (tests/fault_workers.py)."""
     from sharding.engine import MegatronEngine
     from sharding.placement import placement_for
 
@@ -30,7 +32,7 @@ def score_batches_with_engine(config: ServiceConfig, token_batches: Sequence[Seq
     pg = placement_group(plan.bundles, strategy=plan.strategy)
     ray.get(pg.ready(), timeout=60)
     try:
-        engine = MegatronEngine(config, pg)
+        engine = MegatronEngine(config, pg, **({"worker_class": worker_class} if worker_class else {}))
         try:
             async def all_batches():
                 return await asyncio.gather(*(engine.score(batch) for batch in token_batches))

@@ -48,3 +48,14 @@ def test_answers_are_shared_briefly(monkeypatch):
 
     asyncio.run(twice())
     assert handle.calls == 2
+
+
+def test_concurrent_probes_share_one_check():
+    handle = Handle("ok")
+    probe = ModelReadiness(handle)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(probe.not_ready() for _ in range(20)))
+
+    assert asyncio.run(burst()) == [None] * 20
+    assert handle.calls == 1

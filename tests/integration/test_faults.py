@@ -1,0 +1,236 @@
+"""What a fault costs (issue 22), with faults injected by worker subclasses the tests pass to the engine
+(tests/fault_workers.py), never by a production flag:
+
+* readiness answers while the service is saturated: `/health` is probed 20 times while every batch slot is
+  busy with slow forwards, and all 20 are 200 (pings run in the workers' control concurrency group; the model
+  replica keeps slots for readiness checks beside the batches);
+* a rank stuck in steady state is detected within `runtime.collective_timeout_s` plus a margin, not the
+  loading timeout (`runtime.distributed_timeout_s`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from configs.service import ServiceConfig
+from sharding.protocol import EngineUnavailableError
+from tests.fault_workers import HangingRankWorker, SlowForwardWorker
+from tests.integration.conftest import NODE_GPUS, deploy, service_args
+
+COLLECTIVE_TIMEOUT_S = 4.0
+DETECTION_MARGIN_S = 15.0  # the peers' gloo timeout fires at the collective timeout; the rest is Ray and load
+
+
+def slow_engine(config: ServiceConfig):
+    from ray.util import get_current_placement_group
+
+    from sharding.engine import MegatronEngine
+
+    return MegatronEngine(config, get_current_placement_group(), worker_class=SlowForwardWorker)
+
+
+def test_health_is_200_twenty_times_while_saturated(ray_cluster, serve_http, demo_checkpoint, tokenizer):
+    from serve_app import build_app
+    from sharding.checkpoints.formats import open_checkpoint, output_names
+    from deployments.reward_model import RewardModelDeployment
+    from deployments.router import Router
+    from deployments.scoring import ScoringDeployment
+    from sharding.placement import placement_for
+
+    config = ServiceConfig.model_validate(service_args(demo_checkpoint, runtime={"cpus_per_worker": 0.5}))
+    config = config.with_output_names(output_names(open_checkpoint(config.checkpoint_path)))
+    config_json = config.model_dump(mode="json")
+    plan = placement_for(config)
+    model = RewardModelDeployment.options(
+        placement_group_bundles=plan.bundles, placement_group_strategy=plan.strategy,
+        ray_actor_options={"num_cpus": config.runtime.replica_cpus},
+        max_ongoing_requests=config.model_max_ongoing_calls,  # as serve_app.build_app
+    ).bind(config_json, engine_factory=slow_engine)
+    assert build_app  # the options above are build_app's for this deployment
+    app = Router.bind(model, ScoringDeployment.bind(config_json), config_json)
+    prefix = f"{serve_http}/saturated"
+    deploy(app, name="saturated", route_prefix="/saturated")
+    stop = threading.Event()
+    answered: list[tuple[float, float, int]] = []  # (sent, answered, status) of the scoring requests
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                status = http.post(prefix + "/v1/score", json={"conversations": [{"messages": [
+                    {"role": "user", "content": "Why is the sky blue?"},
+                    {"role": "assistant", "content": "Rayleigh scattering."}]}]}).status_code
+                answered.append((sent, time.monotonic(), status))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3 * config.max_batches_in_flight)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2 * SlowForwardWorker.FORWARD_S)  # every batch slot busy, requests queued behind them
+        probes = []
+        with httpx.Client(timeout=30) as http:
+            probes_started = time.monotonic()
+            for _ in range(20):
+                sent = time.monotonic()
+                probes.append((http.get(prefix + "/health").status_code, time.monotonic() - sent))
+                time.sleep(0.25)
+            probes_ended = time.monotonic()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        serve.delete("saturated")
+    assert [status for status, _ in probes] == [200] * 20, probes
+    # Saturated throughout: requests were waiting on the model during the whole probing window.
+    waiting = [a for a in answered if a[0] < probes_started and a[1] > probes_ended]
+    assert waiting and all(status == 200 for _, _, status in answered), (len(waiting), answered[:5])
+
+
+def test_hung_rank_is_detected_within_the_collective_timeout(ray_cluster, demo_checkpoint, token_batch_short):
+    """TP 2: rank 1 sleeps in its first forward; rank 0 waits for it in the first all-reduce, whose
+    steady-state timeout (collective_timeout_s, set after loading) fires, so the batch fails at about that
+    time, not at the 600 s set-up timeout nor when the rank wakes after HANG_S."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sharding.engine import MegatronEngine
+    from sharding.placement import placement_for
+
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 1},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5, "distributed_timeout_s": 600,
+                 "collective_timeout_s": COLLECTIVE_TIMEOUT_S}))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = None
+    try:
+        engine = MegatronEngine(config, pg, worker_class=HangingRankWorker)
+
+        async def timed_score() -> float:
+            started = time.monotonic()
+            with pytest.raises(EngineUnavailableError) as failure:
+                await engine.score(token_batch_short)
+            assert "a model worker failed" in failure.value.message, failure.value.message
+            assert "timed out" in failure.value.message.lower(), failure.value.message
+            return time.monotonic() - started
+
+        detected_s = asyncio.run(timed_score())
+        assert COLLECTIVE_TIMEOUT_S * 0.9 < detected_s < COLLECTIVE_TIMEOUT_S + DETECTION_MARGIN_S, detected_s
+        assert detected_s < HangingRankWorker.HANG_S
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        remove_placement_group(pg)
+
+
+def test_hung_rank_fails_the_health_check(ray_cluster, demo_checkpoint, token_batch_short):
+    """PP 2: the last stage sleeps in its forward with no peer waiting in a collective on it; the health
+    check (pings answered from the control group with the forward's running time) calls it hung after
+    collective_timeout_s + HANG_MARGIN_S."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sharding.engine import HANG_MARGIN_S, MegatronEngine
+    from sharding.placement import placement_for
+
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, parallel={"tensor_parallel_size": 1, "pipeline_parallel_size": 2},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5, "collective_timeout_s": COLLECTIVE_TIMEOUT_S}))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = None
+    try:
+        engine = MegatronEngine(config, pg, worker_class=HangingRankWorker)
+
+        async def watch() -> float:
+            batch = asyncio.ensure_future(engine.score(token_batch_short))
+            started = time.monotonic()
+            while True:
+                try:
+                    await engine.check_health()
+                except EngineUnavailableError as e:
+                    assert "rank 1 is hung" in e.message, e.message
+                    break
+                assert time.monotonic() - started < HangingRankWorker.HANG_S
+                await asyncio.sleep(0.5)
+            detected_s = time.monotonic() - started
+            with pytest.raises(EngineUnavailableError):
+                await batch
+            return detected_s
+
+        detected_s = asyncio.run(watch())
+        limit_s = COLLECTIVE_TIMEOUT_S + HANG_MARGIN_S
+        assert limit_s <= detected_s < limit_s + DETECTION_MARGIN_S, detected_s
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        remove_placement_group(pg)
+
+
+@pytest.fixture(scope="module")
+def token_batch_short(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>")
+            for p in ("Hello there.", "What is 2 + 2?")]
+
+
+def test_poison_prompt_fails_alone_and_workers_survive(ray_cluster, demo_checkpoint, reference_scorer, tokenizer):
+    """TP 2 x PP 2: rank 3 (last stage) raises mid-batch on one prompt. The other prompts of the batch get their
+    reference scores, the poison prompt alone fails with the rank's message, no worker is restarted (same
+    actor ids), the poison prompt sent again fails again without a reload, and a clean batch afterwards
+    scores exactly as before."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sharding.engine import MegatronEngine
+    from sharding.placement import placement_for
+    from sharding.protocol import PartialScores
+    from tests.fault_workers import PoisonPromptWorker
+
+    prompts = ["Hello there.", "What is 2 + 2?", "List three prime numbers. " * 5, "ok",
+               "Write a haiku about bread. " * 6, "Explain why the sky is blue in two sentences."]
+    clean = [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>") for p in prompts]
+    assert all(len(t) != PoisonPromptWorker.POISON_LENGTH for t in clean)
+    poison = clean[2][:PoisonPromptWorker.POISON_LENGTH]
+    batch = clean[:3] + [poison] + clean[3:]
+    reference = reference_scorer.score(clean)
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "batch_layout": "padded",
+                                   "max_tokens_per_micro_batch": 2 * max(len(t) for t in batch)},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5}))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = None
+    try:
+        engine = MegatronEngine(config, pg, worker_class=PoisonPromptWorker)
+        actors = [w["actor_id"] for w in engine.describe()]
+
+        async def scenario():
+            first = await engine.score(batch)
+            again = await engine.score([poison, clean[0]])
+            after = await engine.score(clean)
+            return first, again, after
+
+        first, again, after = asyncio.run(scenario())
+        assert isinstance(first, PartialScores), type(first)
+        assert list(first.failures) == [3], first.failures
+        assert "rank 3" in first.failures[3] and "injected fault" in first.failures[3], first.failures
+        assert np.isnan(first.attributes[3]).all()
+        np.testing.assert_allclose(np.delete(first.attributes, 3, axis=0), reference, atol=1e-5, rtol=0)
+        assert isinstance(again, PartialScores) and list(again.failures) == [0], again
+        np.testing.assert_allclose(again.attributes[1], reference[0], atol=1e-5, rtol=0)
+        assert isinstance(after, np.ndarray)
+        np.testing.assert_allclose(after, reference, atol=1e-5, rtol=0)
+        assert [w["actor_id"] for w in engine.describe()] == actors  # no worker restarted, nothing reloaded
+        assert engine.rejoins >= 2 and engine.broken is None
+        asyncio.run(engine.check_health())
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        remove_placement_group(pg)
