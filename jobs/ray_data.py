@@ -31,6 +31,24 @@ from jobs.tables import BadRow, InputRow, ShardWriter, count_rows, done_ids, fil
 SCORER_CPUS = 0.25  # an actor mostly waits on the handle
 
 
+class _Bounded:
+    """The actor's client with at most `in_flight` requests out at once, over all the batches it is working on
+    (Ray Data runs an async UDF on several batches of a block concurrently and keeps their order)."""
+
+    def __init__(self, client: Any, in_flight: int):
+        self.client, self.in_flight, self._slots = client, in_flight, None
+
+    @property
+    def retries(self) -> int:
+        return self.client.retries
+
+    async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._slots is None:  # made on the actor's event loop
+            self._slots = asyncio.Semaphore(self.in_flight)
+        async with self._slots:
+            return await self.client.score(body)
+
+
 class HandleScorer:
     """A Ray Data actor: a batch of input rows in, one record per row out (`row` JSON, or `error`)."""
 
@@ -40,8 +58,7 @@ class HandleScorer:
 
         from jobs.client import HandleScoringClient
 
-        self.loop = asyncio.new_event_loop()
-        self.client = HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s)
+        self.client = _Bounded(HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s), in_flight)
         self.done = ray.get(done_ref[0])
         self.spec, self.in_flight, self.max_conversations, self.jsonl = spec, in_flight, max_conversations, jsonl
 
@@ -56,15 +73,11 @@ class HandleScorer:
         id_column = self.spec.id_column
         return [i for i in items if not (isinstance(i, InputRow) and i.row.get(id_column) in self.done)]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         items = self._rows(batch)
         retries_before = self.client.retries
-
-        async def collect() -> list[Outcome]:
-            return [o async for o in score_rows(items, self.client, self.spec, concurrency=self.in_flight,
+        outcomes = [o async for o in score_rows(items, self.client, self.spec, concurrency=self.in_flight,
                                                 max_conversations=self.max_conversations)]
-
-        outcomes = self.loop.run_until_complete(collect())
         retries = [0] * len(outcomes)
         if retries:
             retries[0] = self.client.retries - retries_before
@@ -99,7 +112,8 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
         ds = ray.data.read_text(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
     else:
         ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
-    scored = ds.map_batches(
+    # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
+    scored = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
         HandleScorer, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=consumers), num_cpus=SCORER_CPUS,
         fn_constructor_kwargs=dict(app_name=app_name, spec=spec, done_ref=[ray.put(done)], in_flight=in_flight,

@@ -78,10 +78,10 @@ def test_ray_data_writes_the_http_paths_bytes_with_round(demo_app, ray_cluster, 
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> Path:
-    """10,000 rows in one Parquet file; row BAD_ROW's response is over the token limit."""
+    """10,000 short rows in one Parquet file; row BAD_ROW's response is over the token limit."""
     path = tmp_path_factory.mktemp("offline") / "many.parquet"
-    rows = [pair_row(i) for i in range(MANY_ROWS)]
-    rows[BAD_ROW]["chosen"] = LONG_TEXT
+    rows = [{"id": i, "prompt": f"Q{i}?", "response": f"{TOPICS[i % len(TOPICS)]} {i % 97}."} for i in range(MANY_ROWS)]
+    rows[BAD_ROW]["response"] = LONG_TEXT
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000)
     return path
 
@@ -89,12 +89,13 @@ def many(tmp_path_factory) -> Path:
 def test_ray_data_killed_midway_and_rerun_writes_every_row_once_and_reports_the_bad_one(
         demo_app, ray_cluster, many, tmp_path):
     out = tmp_path / "out"
-    args = ["--input", str(many), "--output", str(out), *PAIR_ARGS, "--address", ray_cluster.address,
+    args = ["--input", str(many), "--output", str(out), "--prompt-column", "prompt", "--response-column", "response",
+            "--address", ray_cluster.address, "--max-conversations-per-request", "32",
             "--rows-per-shard", "500", "--batch-rows", "250"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "score", *args, "--no-progress"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 500
         while time.monotonic() < deadline and proc.poll() is None:
             if len(list(out.glob("part-*"))) >= MANY_ROWS // 500 // 2:  # half the shards: kill the driver
                 proc.send_signal(signal.SIGKILL)
