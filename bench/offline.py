@@ -43,7 +43,15 @@ if str(REPO) not in sys.path:
 import yaml  # noqa: E402
 
 from bench.service_vs_engine import machine_info  # noqa: E402
-from bench.simulated_service import TextMaker, arch_tokenizer, finish, git_commit, http_pass, start_cluster  # noqa: E402
+from bench.simulated_service import (  # noqa: E402
+    TextMaker,
+    arch_tokenizer,
+    finish,
+    git_commit,
+    http_pass,
+    start_cluster,
+    tokenize,
+)
 
 CONFIG = REPO / "configs" / "simulated_340b_h200.yaml"
 HTTP_PORT = 8102
@@ -155,7 +163,13 @@ def main() -> None:
     maker = TextMaker(tokenizer, seed=0)
     big = rows(maker, args.rows * args.scale, tuple(args.prompt_tokens), tuple(args.response_tokens), seed=1)
     small = big[:args.rows]
-    tokens_per_row = sum(len(tokenizer.encode(r["prompt"])) + len(tokenizer.encode(r["response"])) for r in small) / len(small)
+    # Where to render and tokenize (in Ray Data tasks, or in the router): the CPU time it costs per row here,
+    # against the model time per row at the service's measured throughput (below).
+    t0 = time.process_time()
+    token_counts = [len(tokenize([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}],
+                                 tokenizer)) for r in small]
+    tokenize_ms_per_row = 1000 * (time.process_time() - t0) / len(small)
+    tokens_per_row = sum(token_counts) / len(small)
     for name, table_rows in (("small", small), ("big", big)):
         (work / name).mkdir()
         for start in range(0, len(table_rows), 1000):  # a directory of Parquet shards
@@ -179,6 +193,8 @@ def main() -> None:
         tokens_per_s_per_replica = service["tokens_per_s"] / args.model_replicas
         result["rows"] = {"tokens_per_row_mean": round(tokens_per_row, 1), "prompt_tokens": args.prompt_tokens,
                           "response_tokens": args.response_tokens}
+        result["tokenize"] = {"render_and_tokenize_cpu_ms_per_row": round(tokenize_ms_per_row, 3),
+                              "service_wall_ms_per_row_saturated": round(1000 / service_rows_per_s, 3)}
         result["planned"] = {
             "service_tokens_per_s_per_replica_measured": round(tokens_per_s_per_replica, 1),
             "helpsteer2_lengths_200k_rows_hours_at_measured_tokens_per_s": round(planned_seconds(
