@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -124,8 +125,10 @@ def job(args: argparse.Namespace, source: Path, out: Path, address: str, kill_at
     if kill_at_rows is None and proc.returncode != 0:
         raise RuntimeError(f"job failed: {stderr[-2000:]}")
     summary = next((line for line in stderr.splitlines() if line.startswith("score:")), None)
+    steady = re.search(r"\(([0-9.]+) after the first row, ([0-9.]+) s in\)", summary or "")
     return {"returncode": proc.returncode, "wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak / 2**20, 1),
-            "summary": summary}
+            "summary": summary, "rows_per_s_after_first_row": float(steady[1]) if steady else None,
+            "first_row_s_in_job": float(steady[2]) if steady else None}
 
 
 def bodies_of(table_rows: list[dict], per_request: int) -> list[dict]:
@@ -145,7 +148,7 @@ def main() -> None:
     parser.add_argument("--service-concurrency", type=int, default=32)
     parser.add_argument("--consumers", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=16)
-    parser.add_argument("--batch-rows", type=int, default=256)
+    parser.add_argument("--batch-rows", type=int, default=128)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offline.json")
     args = parser.parse_args()
@@ -208,6 +211,7 @@ def main() -> None:
         small_run = job(args, work / "small", work / "out-small", address)
         small_run["rows_per_s"] = round(args.rows / small_run["wall_s"], 2)
         small_run["over_service"] = round(small_run["rows_per_s"] / service_rows_per_s, 3)
+        small_run["after_first_row_over_service"] = round(small_run["rows_per_s_after_first_row"] / service_rows_per_s, 3)
         result["job_small"] = small_run
         print(f"job small: {small_run}", flush=True)
 
@@ -226,7 +230,10 @@ def main() -> None:
                                                     str(big_n): fresh_big["driver_peak_rss_mib"]},
                             "big_over_small": round(fresh_big["driver_peak_rss_mib"] / small_run["driver_peak_rss_mib"], 3)}
         result["targets"] = {"job_over_service": 0.9, "memory_big_over_small_max": 1.25}
-        result["passed"] = {"job_over_service": small_run["over_service"] >= 0.9,
+        fresh_big["over_service"] = round(fresh_big["rows_per_s"] / service_rows_per_s, 3)
+        fresh_big["after_first_row_over_service"] = round(fresh_big["rows_per_s_after_first_row"] / service_rows_per_s, 3)
+        result["passed"] = {"job_over_service_wall": small_run["over_service"] >= 0.9,
+                            "job_over_service_after_first_row": small_run["after_first_row_over_service"] >= 0.9,
                             "memory_flat": result["memory"]["big_over_small"] <= 1.25,
                             "kill_and_rerun": result["kill_and_rerun"]["every_row_once"]}
         print(json.dumps(result["passed"]), flush=True)

@@ -85,7 +85,7 @@ def _score_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--max-conversations-per-request", type=int, default=16,
                      help="conversations (rows) sent in one request (the service's per-request limit caps it)")
     cmd.add_argument("--consumers", type=int, default=2, help="--address: Ray Data scorer actors")
-    cmd.add_argument("--batch-rows", type=int, default=512, help="--address: rows per Ray Data batch")
+    cmd.add_argument("--batch-rows", type=int, default=128, help="--address: rows per Ray Data batch")
     cmd.add_argument("--in-flight", type=int, default=16, help="--address: requests in flight per scorer actor")
 
 

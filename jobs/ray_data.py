@@ -29,6 +29,7 @@ from jobs.score import Progress, ScoreSummary, take_outcome
 from jobs.tables import BadRow, InputRow, ShardWriter, count_rows, done_ids, file_format, input_files, json_line, jsonl_row
 
 SCORER_CPUS = 0.25  # an actor mostly waits on the handle
+BLOCKS_PER_ACTOR = 4
 
 
 class _Bounded:
@@ -115,7 +116,10 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
     # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
     scored = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
         HandleScorer, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=consumers), num_cpus=SCORER_CPUS,
+        # Several blocks at once per actor (an async UDF: they share the actor's loop and its in-flight bound), so
+        # a batch's slowest request does not leave the actor idle.
+        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR),
+        num_cpus=SCORER_CPUS,
         fn_constructor_kwargs=dict(app_name=app_name, spec=spec, done_ref=[ray.put(done)], in_flight=in_flight,
                                    max_conversations=max_conversations, max_retry_s=max_retry_s, jsonl=jsonl),
     )
@@ -129,6 +133,8 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
             for where, row_id, row, error in zip(*(batch.column(c).to_pylist() for c in ("where", "id", "row", "error"))):
                 outcome = Outcome(where, json.loads(row_id), row=None if row is None else json.loads(row), error=error)
                 take_outcome(outcome, writer, summary, bar, retries)
+                if summary.first_result_s is None:
+                    summary.first_result_s = time.monotonic() - started
     finally:
         writer.close()
         bar.close()

@@ -36,11 +36,17 @@ class ScoreSummary:
     errors: int = 0
     retries: int = 0
     seconds: float = 0.0
+    first_result_s: float | None = None  # from the start to the first row's outcome (reading, starting up)
 
     def text(self) -> str:
-        rate = (self.written + self.filtered + self.errors) / self.seconds if self.seconds else 0.0
+        done = self.written + self.filtered + self.errors
+        rate = done / self.seconds if self.seconds else 0.0
+        steady = ""
+        if self.first_result_s is not None and self.seconds > self.first_result_s and done > 1:
+            steady = f" ({(done - 1) / (self.seconds - self.first_result_s):.1f} after the first row, " \
+                     f"{self.first_result_s:.1f} s in)"
         return (f"score: {self.written} rows written, {self.filtered} dropped by --min-margin, {self.errors} failed "
-                f"(see errors.jsonl), {self.already_done} already in the output; {rate:.1f} rows/s; "
+                f"(see errors.jsonl), {self.already_done} already in the output; {rate:.1f} rows/s{steady}; "
                 f"{self.retries} requests retried")
 
 
@@ -98,6 +104,8 @@ async def score_http(input_path: str, output: str, client: ScoringClient, spec: 
         outcomes = score_rows(rows, client, spec, concurrency=concurrency, max_conversations=max_conversations)
         async for outcome in outcomes:
             take_outcome(outcome, writer, summary, bar, getattr(client, "retries", 0))
+            if summary.first_result_s is None:
+                summary.first_result_s = time.monotonic() - started
     finally:
         writer.close()
         bar.close()
