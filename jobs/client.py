@@ -8,7 +8,9 @@ Both retry what is retryable: the service unavailable (503, a dead worker), tran
 refused or lost, timeouts), 502 and 504 from a gateway, and the plain-text 500 Ray Serve's proxy answers
 while a router replica is dead or being replaced (the service's own errors are JSON and are not retried).
 Backoff is exponential with full jitter (a random wait up to 0.5 s, 1 s, 2 s, ... capped at 10 s), and the
-retry budget is `max_retries` retries a request; `retries` counts them all (the jobs show it as progress).
+retry budget is a deadline: a request is retried until `max_retry_s` seconds have passed since its first
+failure (`--max-retry-s`; the default rides out a 340B replica reloading its weights, about 10 minutes);
+`retries` counts them all (the jobs show it as progress).
 Anything else is raised to the job, which decides per line.
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from typing import Any, Protocol
 
 import httpx
@@ -35,7 +38,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600.0
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
-DEFAULT_MAX_RETRIES = 12  # ~70 s of backoff on average: long enough for Serve to replace a dead replica
+DEFAULT_MAX_RETRY_S = 900.0  # a full 340B replica reload (~10 minutes: restart, placement, weights) and margin
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
@@ -50,26 +53,36 @@ class ScoringClient(Protocol):
 
 
 class _Retrying:
-    """Retries `_score_once` on retryable errors: up to `max_retries` more tries a request, with jittered
-    exponential backoff."""
+    """Retries `_score_once` on retryable errors until `max_retry_s` seconds after the request's first
+    failure, with jittered exponential backoff (never sleeping past the deadline)."""
 
-    max_retries: int
+    max_retry_s: float
+    first_backoff_s: float = FIRST_BACKOFF_S  # the cap scales with it (MAX_BACKOFF_S at the default)
     retries: int = 0
 
     async def _score_once(self, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
     async def score(self, body: dict[str, Any]) -> dict[str, Any]:
-        for attempt in range(self.max_retries + 1):
+        deadline = None
+        attempt = 0
+        while True:
             try:
                 return await self._score_once(body)
             except ServiceError as error:
-                if not error.retryable or attempt == self.max_retries:
+                now = time.monotonic()
+                deadline = now + self.max_retry_s if deadline is None else deadline
+                if not error.retryable or now >= deadline:
+                    if error.retryable:
+                        error.message += f" (still failing after the retry budget, --max-retry-s {self.max_retry_s:g})"
+                        error.args = (error.message,)
                     raise
                 self.retries += 1
                 logger.warning("retrying (%d so far) after: %s", self.retries, error.message)
-            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**attempt)))
-        raise AssertionError("unreachable")
+            cap = MAX_BACKOFF_S * self.first_backoff_s / FIRST_BACKOFF_S
+            wait = random.uniform(0, min(cap, self.first_backoff_s * 2**min(attempt, 30)))
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            attempt += 1
 
 
 def error_from_response(status_code: int, text: str) -> ServiceError:
@@ -88,13 +101,15 @@ def error_from_response(status_code: int, text: str) -> ServiceError:
 
 class HttpScoringClient(_Retrying):
     def __init__(self, url: str, *, api_key: str | None = None, max_connections: int = 64,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retry_s: float = DEFAULT_MAX_RETRY_S,
+                 first_backoff_s: float = FIRST_BACKOFF_S):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout_s,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
-        self.max_retries = max_retries
+        self.max_retry_s = max_retry_s
+        self.first_backoff_s = first_backoff_s
 
     async def _score_once(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -113,14 +128,14 @@ class HttpScoringClient(_Retrying):
 
 
 class HandleScoringClient(_Retrying):
-    def __init__(self, address: str, *, app_name: str = "reward", max_retries: int = DEFAULT_MAX_RETRIES):
+    def __init__(self, address: str, *, app_name: str = "reward", max_retry_s: float = DEFAULT_MAX_RETRY_S):
         import ray
         from ray import serve
 
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False)
         self._handle = serve.get_app_handle(app_name)
-        self.max_retries = max_retries
+        self.max_retry_s = max_retry_s
 
     async def _score_once(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -136,10 +151,10 @@ class HandleScoringClient(_Retrying):
 
 
 def make_client(url: str | None, address: str | None, *, app_name: str, api_key: str | None,
-                concurrency: int) -> ScoringClient:
+                concurrency: int, max_retry_s: float = DEFAULT_MAX_RETRY_S) -> ScoringClient:
     """`--url` gives HTTP, `--address` a handle; exactly one of them."""
     if (url is None) == (address is None):
         raise ValueError("give exactly one of --url and --address")
     if url is not None:
-        return HttpScoringClient(url, api_key=api_key, max_connections=concurrency)
-    return HandleScoringClient(address, app_name=app_name)
+        return HttpScoringClient(url, api_key=api_key, max_connections=concurrency, max_retry_s=max_retry_s)
+    return HandleScoringClient(address, app_name=app_name, max_retry_s=max_retry_s)

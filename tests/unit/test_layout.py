@@ -33,7 +33,7 @@ def test_no_two_modules_share_a_stem():
 
 
 def test_jobs_client_loads_neither_serve_nor_fastapi():
-    code = ("import sys, jobs.client, jobs.annotate, jobs.evaluate\n"
+    code = ("import sys, jobs.client, jobs.annotate, jobs.evaluate, jobs.score, jobs.rows, jobs.tables\n"
             "print(sorted(m for m in ('ray.serve', 'fastapi', 'starlette', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,144 @@
+"""`python -m jobs score --address ...`: the score job on Ray Data, the service as the model stage.
+
+    read (streaming; Parquet by row group, JSONL as text lines)  ->  HandleScorer actors (a pool of
+    `--consumers`: parse, skip rows already written, build requests, `--in-flight` requests each through
+    the Serve app's handle)  ->  this process writes the shards in input order (`jobs/tables.py`)
+
+Rendering and tokenizing stay in the router: the scorer actors send messages, the handle API the service
+has, and the router tokenizes on its own thread pool while batches run on the model (bench/README.md,
+section "Offline scoring", has the measurement behind the choice). A row the service refuses, or a
+malformed one, comes back as an error record and goes to errors.jsonl; the job goes on. Rows come back in
+input order (`preserve_order`), serialized by the same function as the HTTP path's, so both paths write the
+same shards. Ray Data's backpressure bounds what is in flight; the driver holds one batch at a time, so its
+memory does not grow with the row count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+import sys
+import time
+from typing import Any, TextIO
+
+import pyarrow as pa
+
+from jobs.rows import ColumnSpec, Outcome, score_rows
+from jobs.score import Progress, ScoreSummary, take_outcome
+from jobs.tables import BadRow, InputRow, ShardWriter, count_rows, done_ids, file_format, input_files, json_line, jsonl_row
+
+SCORER_CPUS = 0.25  # an actor mostly waits on the handle
+BLOCKS_PER_ACTOR = 4
+
+
+class _Bounded:
+    """The actor's client with at most `in_flight` requests out at once, over all the batches it is working on
+    (Ray Data runs an async UDF on several batches of a block concurrently and keeps their order)."""
+
+    def __init__(self, client: Any, in_flight: int):
+        self.client, self.in_flight, self._slots = client, in_flight, None
+
+    @property
+    def retries(self) -> int:
+        return self.client.retries
+
+    async def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._slots is None:  # made on the actor's event loop
+            self._slots = asyncio.Semaphore(self.in_flight)
+        async with self._slots:
+            return await self.client.score(body)
+
+
+class HandleScorer:
+    """A Ray Data actor: a batch of input rows in, one record per row out (`row` JSON, or `error`)."""
+
+    def __init__(self, app_name: str, spec: ColumnSpec, done_ref: Any, in_flight: int, max_conversations: int,
+                 max_retry_s: float, jsonl: bool):
+        import ray
+
+        from jobs.client import HandleScoringClient
+
+        self.client = _Bounded(HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s), in_flight)
+        self.done = ray.get(done_ref[0])
+        self.spec, self.in_flight, self.max_conversations, self.jsonl = spec, in_flight, max_conversations, jsonl
+
+    def _rows(self, batch: pa.Table) -> list[InputRow | BadRow]:
+        paths = batch.column("path").to_pylist()
+        if self.jsonl:
+            texts = batch.column("text").to_pylist()
+            items = [jsonl_row(posixpath.basename(p), None, t.encode("utf-8")) for p, t in zip(paths, texts)]
+        else:
+            records = batch.drop_columns(["path"]).to_pylist()
+            items = [InputRow(posixpath.basename(p), r) for p, r in zip(paths, records)]
+        id_column = self.spec.id_column
+        return [i for i in items if not (isinstance(i, InputRow) and i.row.get(id_column) in self.done)]
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        items = self._rows(batch)
+        retries_before = self.client.retries
+        outcomes = [o async for o in score_rows(items, self.client, self.spec, concurrency=self.in_flight,
+                                                max_conversations=self.max_conversations)]
+        retries = [0] * len(outcomes)
+        if retries:
+            retries[0] = self.client.retries - retries_before
+        return pa.table({
+            "where": [o.where for o in outcomes],
+            "id": [json.dumps(o.row_id, default=str) for o in outcomes],
+            "row": [None if o.row is None else json_line(o.row) for o in outcomes],
+            "error": [o.error for o in outcomes],
+            "retries": retries,
+        }, schema=pa.schema([("where", pa.string()), ("id", pa.string()), ("row", pa.string()),
+                             ("error", pa.string()), ("retries", pa.int64())]))
+
+
+def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, app_name: str, output_format: str,
+              rows_per_shard: int, consumers: int, batch_rows: int, in_flight: int, max_conversations: int,
+              max_retry_s: float, progress: bool = True, log: TextIO = sys.stderr) -> ScoreSummary:
+    import ray
+    import ray.data
+
+    started = time.monotonic()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    fs, files = input_files(input_path)
+    done = done_ids(output, spec.id_column)
+    total = count_rows(fs, files)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shards in input order, as the HTTP path writes them
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    jsonl = file_format(files[0]) == "jsonl"
+    if jsonl:
+        ds = ray.data.read_text(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
+    else:
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
+    # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
+    scored = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
+        HandleScorer, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
+        # Several blocks at once per actor (an async UDF: they share the actor's loop and its in-flight bound), so
+        # a batch's slowest request does not leave the actor idle.
+        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR),
+        num_cpus=SCORER_CPUS,
+        fn_constructor_kwargs=dict(app_name=app_name, spec=spec, done_ref=[ray.put(done)], in_flight=in_flight,
+                                   max_conversations=max_conversations, max_retry_s=max_retry_s, jsonl=jsonl),
+    )
+    summary = ScoreSummary(already_done=len(done))
+    writer = ShardWriter(output, output_format, rows_per_shard)
+    bar = Progress(None if total is None else total - len(done), progress, log)
+    retries = 0
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            retries += sum(batch.column("retries").to_pylist())
+            for where, row_id, row, error in zip(*(batch.column(c).to_pylist() for c in ("where", "id", "row", "error"))):
+                outcome = Outcome(where, json.loads(row_id), row=None if row is None else json.loads(row), error=error)
+                take_outcome(outcome, writer, summary, bar, retries)
+                if summary.first_result_s is None:
+                    summary.first_result_s = time.monotonic() - started
+    finally:
+        writer.close()
+        bar.close()
+    summary.rows = summary.already_done + summary.written + summary.filtered + summary.errors
+    summary.retries = retries
+    summary.seconds = time.monotonic() - started
+    return summary
