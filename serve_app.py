@@ -54,7 +54,11 @@ def build_app(args: dict[str, Any]) -> Application:
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
+    # The router's own gate (deployments.admission) refuses past router.max_ongoing_requests, at once and with
+    # Retry-After; Serve delivers twice that many so the gate sees them, and queues no more than that at its proxy.
     return Router.options(
+        max_ongoing_requests=2 * config.router.max_ongoing_requests,
+        max_queued_requests=config.router.max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_REQUEST_ROUTER),
         **replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS),
     ).bind(model, scoring, config_json)

@@ -89,7 +89,7 @@ class TokenBatcher:
     `await submit(job, ...)` -> `(rows, RequestUsage)`."""
 
     def __init__(self, model_call: ModelCall, max_tokens_per_batch: int, max_batches_in_flight: int,
-                 max_queued_tokens: int, on_batch: Callable[[float, list[float]], None] | None = None):
+                 max_queued_tokens: int):
         self._model_call = model_call
         self._max_batches_in_flight = max_batches_in_flight
         self._max_queued_tokens = max_queued_tokens
@@ -99,7 +99,6 @@ class TokenBatcher:
         self._tasks: set[asyncio.Task] = set()
         self._tokens_per_s: float | None = None
         self._latency_s: float | None = None
-        self._on_batch = on_batch  # (batch seconds, queue seconds of the requests it started) -> metrics
         self.stats = BatcherStats()
 
     @property
@@ -250,12 +249,10 @@ class TokenBatcher:
     async def _run(self, picks: list[Pick], tokens: int) -> None:
         started_s = time.perf_counter()
         requests = {id(p.job): p.job for p in picks}
-        queue_s = []
         for job in requests.values():
             request: _Request = job.payload
             if request.usage.queue_ms is None:
-                queue_s.append(started_s - request.arrived_s)
-                request.usage.queue_ms = round(queue_s[-1] * 1e3, 3)
+                request.usage.queue_ms = round((started_s - request.arrived_s) * 1e3, 3)
         try:
             output = await self._model_call([p.job.seqs[p.index].tolist() for p in picks],
                                             [p.job.payload.extras[p.index] for p in picks])
@@ -272,8 +269,6 @@ class TokenBatcher:
         else:
             finished_s = time.perf_counter()
             self._observe(tokens, sum(len(p.job.seqs[p.index]) for p in picks), finished_s - started_s, len(picks))
-            if self._on_batch is not None:
-                self._on_batch(finished_s - started_s, queue_s)
             costs: dict[int, int] = {}
             for pick in picks:  # a job's picks are contiguous in forest order: their costs add to its unique tokens
                 shared = pick.job.lcp[pick.position] if id(pick.job) in costs else 0
