@@ -238,7 +238,8 @@ class Usage(StrictBody):
     compute_ms: float | None = Field(
         default=None, description="Wall milliseconds of the model batches it rode in (overlapping batches once).")
     batch_tokens: list[StrictInt] | None = Field(
-        default=None, description="Computed tokens of each batch it rode in (all requests of the batch).")
+        default=None, description="Computed tokens of each batch it rode in, all requests of the batch, as the "
+        "router budgets them (a prefix shared by unrelated requests is counted for each).")
     model_replicas: list[str] | None = Field(
         default=None, description="The model replicas that computed its batches.")
 
