@@ -1,7 +1,7 @@
 """The HTTP ingress and handle entry point: validate -> render and tokenize -> batch to the model ->
 weigh the attributes -> respond.
 
-Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
+Routes: `POST /v1/score` (and the `score` handle method; their work in the `deployments.score_routes` mixin), the hosted API's `POST /v1/chat/completions`
 and `GET /v1/models` (`deployments.openai_api`), `/health`, KServe v2 / Triton `/v2/...` (their work in
 the `deployments.kserve_routes` mixin), OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
 `POST /pooling` (their work in the `deployments.rlhf_routes` mixin). The app, its middleware and the error mapping are
@@ -49,7 +49,7 @@ from deployments.errors import (
 from deployments.http_app import app, as_service_error, error_response_for, route_name
 from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
-from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
+from deployments.limits import check_messages, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
 from deployments.router_affinity import affinity_key
 from deployments.model_routing import (
@@ -69,11 +69,11 @@ from deployments.openapi_docs import (
     json_body_docs,
 )
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
-from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
+from deployments.score_routes import ScoreRoutes
 from deployments.scoring import scored_rows
-from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
+from deployments.schemas import ScoreRequest, ScoreResponse
 from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
 
@@ -92,7 +92,7 @@ class ModelScores(NamedTuple):
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
-class Router(KServeRoutes, RLHFRoutes):
+class Router(ScoreRoutes, KServeRoutes, RLHFRoutes):
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
@@ -192,80 +192,6 @@ class Router(KServeRoutes, RLHFRoutes):
                                                                 functools.partial(fn, *args, **kwargs))
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
-
-    def _validate(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
-        return self._validate_timed(body)[0]
-
-    def _validate_timed(self, body: ScoreRequest | dict[str, Any] | bytes) -> tuple[ScoreRequest, float | None]:
-        """A request body (bytes over HTTP, a dict or a ScoreRequest from a handle) checked against the limits
-        (counts on the raw JSON first, before it becomes models) and validated; with its `timeout_s`."""
-        timeout_s = None
-        if isinstance(body, ScoreRequest):
-            request = body
-        else:
-            raw = parse_json(body) if isinstance(body, bytes) else body
-            if isinstance(raw, dict) and TIMEOUT_FIELD in raw:
-                raw = dict(raw)
-                timeout_s = parse_timeout(raw.pop(TIMEOUT_FIELD), TIMEOUT_FIELD, self._limits.max_timeout_s)
-            check_raw_score_request(raw, self._limits)
-            request = ScoreRequest.model_validate(raw)
-        check_score_request(request, self._limits)
-        num_attributes = len(self._cfg.scoring.attribute_names)
-        if request.weights is not None and len(request.weights) != num_attributes:
-            raise InvalidRequestError(
-                f"weights has {len(request.weights)} values; the model has {num_attributes} attributes "
-                f"({', '.join(self._cfg.scoring.attribute_names)})",
-                param="weights",
-            )
-        return request, timeout_s
-
-    async def _validated_in_scope(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
-        """`_validate_timed` on the pool; the body's `timeout_s` shortens the request's deadline."""
-        request, timeout_s = await self._in_pool(self._validate_timed, body)
-        scope = current_scope.get()
-        if timeout_s is not None:
-            current_scope.set((scope or RequestScope(arrived_s=time.perf_counter())).with_timeout(timeout_s))
-        return request
-
-    def _tokenize(self, request: ScoreRequest) -> list[list[tuple[int, TokenizedPrompt]]]:
-        """Per conversation, its `(message index, prompt)` list: the last message only, or every assistant
-        turn's prefix with `turns: "all"`."""
-        out = []
-        if request.best_of_n and request.turns == "last":  # the prompt is encoded once for all responses
-            last = len(request.prompt)
-            return [[(last, prompt)] for prompt in self._prompt.tokenize_best_of_n(
-                request.prompt, request.responses, max_tokens=self._limit_tokens, truncate=request.truncate)]
-        for index, conversation in enumerate(request.scored_conversations):
-            kwargs = dict(max_tokens=self._limit_tokens, truncate=request.truncate, conversation_index=index)
-            if request.turns == "all":
-                out.append(self._prompt.tokenize_turns(conversation.messages, **kwargs))
-            else:
-                last = len(conversation.messages) - 1
-                field = f"responses[{index}]" if request.best_of_n else None
-                out.append([(last, self._prompt.tokenize_conversation(conversation.messages, field=field, **kwargs))])
-        return out
-
-    async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
-        per_conversation = await self._in_pool(self._tokenize, request)
-        prompts = [prompt for turns in per_conversation for _, prompt in turns]
-        self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
-        model_scores = await self._score_tokens([prompt.token_ids for prompt in prompts], weights=request.weights)
-        scored = iter(self._scored_rows(model_scores, custom_weights=request.weights is not None))
-        results = []
-        for index, turns in enumerate(per_conversation):
-            turn_results = [
-                TurnResult(message_index=message_index, num_tokens=prompt.num_tokens, truncated=prompt.truncated,
-                           **next(scored))
-                for message_index, prompt in turns
-            ]
-            last = turn_results[-1].model_dump(exclude={"message_index"})
-            results.append(ScoreResult(index=index, turns=turn_results if request.turns == "all" else None, **last))
-        # computed_tokens: what the batches it rode in computed for it (deployments.batcher.RequestUsage).
-        cost = model_scores.usage
-        usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts), computed_tokens=cost.computed_tokens,
-                      queue_ms=cost.queue_ms, compute_ms=cost.compute_ms, batch_tokens=cost.batch_tokens,
-                      model_replicas=cost.replicas)
-        return ScoreResponse(model=self._cfg.model_name, device=self._cfg.device_label, results=results, usage=usage)
 
     async def _score_at_home(self, request: ScoreRequest) -> dict[str, Any] | ScoreResponse:
         """Scores here with one router replica; with several, at the request's home router (prefix affinity,
