@@ -7,8 +7,9 @@ H100 SXM, TP 8 x PP 2; model time from sharding/cost_model.py, not a GPU measure
 
 Scenarios, in this order on one deployment (helpers shared with bench/simulated_service.py):
 * best_of_256: one best-of-256 request on a 3,757-token prompt with ~5-token responses; computed tokens (the
-  engine-layout count of its batches, `Router.routed_requests`) over the unique tokens of its prompts
-  (target <= 1.1);
+  engine-layout count of its batches, `Router.routed_requests`: micro-batch rows with their repeated prefixes
+  and sequence-parallel pads) over the unique tokens of its prompts (target <= 1.1); `usage_computed_tokens_sum`
+  is the router's own count (the tries of each batch, before the engine cuts them into rows);
 * grpo_best_of_n / grpo_per_response: 64 prompts of 500-3000 tokens x 16 responses, as one best-of-N request
   per prompt (concurrency 64), then as one request per response (concurrency 256); computed over unique
   tokens of the whole workload (each group's prompt once; target <= 1.15 each);
@@ -168,6 +169,10 @@ def main() -> None:
     parser.add_argument("--deadline-requests", type=int, default=200)
     parser.add_argument("--flood-requests", type=int, default=1024)
     parser.add_argument("--scenarios", nargs="+", default=["best_of_256", "grpo", "mix", "deadlines", "flood"])
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="parallel.max_tokens_per_micro_batch (default: the config's, 8192). The engine cuts a "
+                        "batch's tries into rows of this many tokens, repeating a prefix at each cut; at "
+                        "router.max_tokens_per_batch every batch is one row and computes exactly its tries.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scheduling.json")
     args = parser.parse_args()
@@ -182,11 +187,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     app_args = yaml.safe_load(CONFIGS["h100"].read_text())["applications"][0]["args"]
     app_args["checkpoint_path"] = str(ARCH_DIR)
+    if args.micro_batch_tokens is not None:
+        app_args["parallel"]["max_tokens_per_micro_batch"] = args.micro_batch_tokens
     result: dict[str, Any] = {
         "simulated": True,
         "note": "SIMULATED accelerator: model time from sharding/cost_model.py, not a GPU measurement",
         "git_commit": git_commit(), "command": "python bench/scheduling.py " + " ".join(sys.argv[1:]),
         "config": str(CONFIGS["h100"].relative_to(REPO)), "router": app_args["router"],
+        "parallel": app_args["parallel"],
         "machine": machine_info(), "targets": TARGETS, "scenarios": {},
     }
     base_url = f"http://127.0.0.1:{HTTP_PORT}"
