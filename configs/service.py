@@ -232,9 +232,9 @@ class RouterConfig(StrictModel):
     max_ongoing_requests: int = Field(
         default=512, gt=0,
         description="Requests one router replica holds at once (being read, tokenized, queued or computed); one "
-                    "more gets 503 with Retry-After before its body is read or tokenized. Serve delivers up to "
-                    "twice this many to the replica (so it can refuse them at once) and queues as many at its "
-                    "proxy.",
+                    "more gets 503 with Retry-After before its body is read or tokenized. Serve delivers 1024 more "
+                    "than this to the replica (so it can refuse them at once), and its proxy queues as many before "
+                    "it answers a plain 503 itself.",
     )
     max_timeout_s: float = Field(
         default=3600.0, gt=0,

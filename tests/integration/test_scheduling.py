@@ -117,7 +117,7 @@ def test_a_flood_past_the_gate_is_refused_at_once_with_retry_after(sched_app):
     refused = [(s, t, r) for s, t, r in results if s == 503]
     assert refused and {s for s, _, _ in results} <= {200, 503}
     for _, seconds, response in refused:
-        assert int(response.headers["retry-after"]) >= 1
+        assert int(response.headers.get("retry-after", 0)) >= 1, (response.headers, response.text)
         assert "router.max_ongoing_requests" in response.json()["error"]["message"]
     # Refusals come straight from the gate: far quicker than the big requests ahead of them.
     assert sorted(t for _, t, _ in refused)[len(refused) // 2] < 0.5 * max(t for s, t, _ in results if s == 200)
