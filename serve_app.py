@@ -31,6 +31,7 @@ from sharding.checkpoints.formats import check_weights_fit, open_checkpoint, out
 from sharding.placement import placement_for
 
 ROUTER_TARGET_ONGOING_REQUESTS = 64  # HTTP or handle requests per router replica that autoscaling aims at
+ADMISSION_HEADROOM = 1024  # requests Serve delivers to a router replica past its gate's bound, to be refused there
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -54,7 +55,14 @@ def build_app(args: dict[str, Any]) -> Application:
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
     scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
+    # The router's own gate (deployments.admission) refuses past router.max_ongoing_requests, at once and with
+    # Retry-After in the error shape; Serve delivers ADMISSION_HEADROOM more than that so the gate sees them (a
+    # refusal costs microseconds). Serve's proxy queues requests briefly while it assigns them to a replica, so
+    # its own bound (a plain-text 503 without Retry-After) is only the backstop, as large.
+    gated = config.router.max_ongoing_requests + ADMISSION_HEADROOM
     return Router.options(
+        max_ongoing_requests=gated,
+        max_queued_requests=gated,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_REQUEST_ROUTER),
         **replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS),
     ).bind(model, scoring, config_json)

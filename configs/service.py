@@ -241,6 +241,19 @@ class RouterConfig(StrictModel):
                     "503 with Retry-After (a request arriving at an empty queue is always accepted).",
     )
 
+    max_ongoing_requests: int = Field(
+        default=512, gt=0,
+        description="Requests one router replica holds at once (being read, tokenized, queued or computed); one "
+                    "more gets 503 with Retry-After before its body is read or tokenized. Serve delivers 1024 more "
+                    "than this to the replica (so it can refuse them at once), and its proxy queues as many before "
+                    "it answers a plain 503 itself.",
+    )
+    max_timeout_s: float = Field(
+        default=3600.0, gt=0,
+        description="Largest deadline a request may ask for (`timeout_s` in the body, the `X-Request-Timeout` "
+                    "header, or the handle's `timeout_s`).",
+    )
+
     # Request limits: each is checked before the work it bounds and answered with a 413 or 400 that names
     # the limit and the value. The defaults fit the largest legitimate request, 256 conversations of 4096
     # tokens (JSON of such text is ~6 MB even with every character \u-escaped; as KServe INT64 tokens 8 MB).

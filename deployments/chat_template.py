@@ -104,6 +104,18 @@ class ChatTemplatePrompt:
         raise InputTooLongError(conversation_index, len(ids), max_tokens, field=field,
                                 detail="truncate=left cannot fit it: the last turn alone is over the limit")
 
+    def tokenize_best_of_n(self, prompt: Sequence[Any], responses: Sequence[str], *, max_tokens: int,
+                           truncate: str = "none") -> list[TokenizedPrompt]:
+        """One prompt per response. A Jinja template gives no guarantee that a prompt's tokens are a prefix of
+        the conversation's, so each conversation is rendered and encoded whole (the SteerLM format encodes the
+        prompt once)."""
+        from deployments.schemas import Message
+
+        return [self.tokenize_conversation([*prompt, Message(role="assistant", content=response)],
+                                           max_tokens=max_tokens, truncate=truncate, conversation_index=index,
+                                           field=f"responses[{index}]")
+                for index, response in enumerate(responses)]
+
     def tokenize_turns(self, messages: Sequence[Any], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
         """One prompt per assistant turn: the conversation rendered up to and including that turn. The whole
         conversation goes first, so an over-long one is refused after one encoding."""

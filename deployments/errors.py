@@ -134,6 +134,29 @@ class OverloadedError(ServiceUnavailableError):
         return f"{type(self).__name__}(message={self.message!r}, retry_after_s={self.retry_after_s!r})"
 
 
+class DeadlineExceededError(ServiceError):
+    """The request's deadline (`timeout_s`, `X-Request-Timeout`, or the handle's `timeout_s`) passed before it
+    was answered; its prompts still queued were dropped (504)."""
+
+    status_code = 504
+    error_type = "deadline_exceeded"
+    retryable = True
+
+    def __init__(self, timeout_s: float, waited_s: float, dropped_prompts: int = 0, total_prompts: int = 0,
+                 param: str | None = "timeout_s"):
+        dropped = (f"; {dropped_prompts} of its {total_prompts} prompts were still queued and were dropped"
+                   if total_prompts else "")
+        super().__init__(f"the request's deadline of {timeout_s:g} s (timeout_s) passed after it waited "
+                         f"{waited_s:.2f} s{dropped}", param=param)
+        self.timeout_s = timeout_s
+        self.waited_s = waited_s
+        self.dropped_prompts = dropped_prompts
+        self.total_prompts = total_prompts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.timeout_s, self.waited_s, self.dropped_prompts, self.total_prompts, self.param))
+
+
 def service_error_from_body(status_code: int, body: Any) -> ServiceError:
     """Rebuilds the typed error from an HTTP error response (the one error shape), for HTTP clients."""
     error = body.get("error") if isinstance(body, dict) else None

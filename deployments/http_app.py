@@ -1,17 +1,19 @@
 """The router's FastAPI app and what runs around every route: the request gate (drain gate of a graceful
-stop, request id, API key, request counter), the body-size limit (`deployments.http_body`), the one error shape for every
+stop, request id, API key, admission before work (`deployments.admission`), request counter), the body-size limit (`deployments.http_body`), the one error shape for every
 status (`deployments.errors.error_body`), and the mapping of any raised error onto the typed error a client
 should see. The routes themselves are methods of `deployments.router.Router` and its mixins
 (`deployments.kserve_routes`, `deployments.rlhf_routes`), all registered on this `app`. No torch here.
 """
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.admission import TIMEOUT_HEADER, AdmissionGate, current_scope, parse_timeout, tenant_of
 from deployments.errors import (
     ServiceError,
     ServiceUnavailableError,
@@ -106,12 +108,33 @@ class RequestGate:
             await send(message)
 
         rejection = self._key_rejection(request, request_id)
+        gate, admitted = None, None
+        if rejection is None and requires_api_key(route_path(scope)):
+            gate = getattr(request.app.state, "admission", None)
+            rejection, admitted = self._admission(request, gate)
         try:
             await (rejection or self.app)(scope, receive, send_with_id)
         finally:  # an error escaping the app is counted as the 500 Starlette answers for it
+            if admitted is not None:
+                gate.release()
+                current_scope.reset(admitted)
             metrics = getattr(request.app.state, "metrics", None)
             if metrics is not None:
                 metrics.request(route_name(request), status[0])
+
+    @staticmethod
+    def _admission(request: Request, gate: AdmissionGate | None) -> tuple[JSONResponse | None, Any]:
+        """Admission before the body is read (`deployments.admission`): the 503 to answer, or the context
+        token of the admitted request's scope (tenant, arrival, the `X-Request-Timeout` deadline)."""
+        if gate is None:
+            return None, None
+        try:
+            timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER), "X-Request-Timeout", gate.max_timeout_s)
+            keyed = request.app.state.api_key_check.enabled
+            admitted = gate.admit(tenant_of(request.headers.get("authorization")) if keyed else None, timeout_s)
+        except ServiceError as error:
+            return error_response_for(error, request), None
+        return None, current_scope.set(admitted)
 
     @staticmethod
     def _key_rejection(request: Request, request_id: str) -> JSONResponse | None:

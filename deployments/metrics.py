@@ -12,6 +12,9 @@
   was computed once, per model batch (0 with the padded layout).
 * `reward_batch_latency_seconds`: wall time of one model call, seen from the router.
 * `reward_batches_in_flight`: model batches sent and not yet answered.
+* `reward_queue_seconds`: per request, from entering the batch queue to its first batch's model call.
+* `reward_time_to_first_batch_seconds`: per request, from its admission (before its body is read) to its
+  first batch's model call: reading, validating, tokenizing and queueing.
 * `reward_engine_info{device}`: 1, with what computes the scores: `cpu`, `cuda`, or `simulated:<card>` (a
   simulated accelerator: no model computes, rewards are pseudo-random; its timings are a cost model's).
 
@@ -85,6 +88,15 @@ class RouterMetrics:
             boundaries=LATENCY_BOUNDARIES_S,
         )
         self._in_flight = Gauge("reward_batches_in_flight", description="Model batches sent and not yet answered.")
+        self._queue_s = Histogram(
+            "reward_queue_seconds", description="Per request: from entering the batch queue to its first batch.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self._first_batch_s = Histogram(
+            "reward_time_to_first_batch_seconds",
+            description="Per request: from admission to its first batch (reading, tokenizing, queueing).",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
         self._in_flight_count = 0
         self.totals = {"batches": 0, "requested_tokens": 0, "computed_tokens": 0}  # since start (benchmarks)
 
@@ -109,6 +121,11 @@ class RouterMetrics:
         self._shared_share.observe(shared)
         self._in_flight_count += 1
         self._in_flight.set(self._in_flight_count)
+
+    def request_timed(self, queue_s: float, first_batch_s: float) -> None:
+        """A request got its rows: its time in the batch queue and from admission to its first batch."""
+        self._queue_s.observe(queue_s)
+        self._first_batch_s.observe(first_batch_s)
 
     def batch_finished(self, latency_s: float) -> None:
         self._batch_latency_s.observe(latency_s)

@@ -214,6 +214,58 @@ class _EncodedConversation(SegmentedPrompt):
         return None
 
 
+class _JoinedIds:
+    """`head + tail` without copying `head` (a long best-of-N prompt) for every response: slices and indexing
+    read across the join (what `deployments.truncation.fit_prompt` needs)."""
+
+    def __init__(self, head: list[int], tail: list[int]):
+        self._head, self._tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    def __getitem__(self, key: int | slice) -> Any:
+        n = len(self._head)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("only contiguous slices")
+            return self._head[start:min(stop, n)] + self._tail[max(start - n, 0):max(stop - n, 0)]
+        key = key + len(self) if key < 0 else key
+        return self._head[key] if key < n else self._tail[key - n]
+
+
+class _BestOfN:
+    """A best-of-N prompt encoded once (one encode of the prompt, then one of each response's turn): response
+    i's prompt is the prompt's tokens, its `<extra_id_1>Assistant\\n{response}\\n` turn and the end marker,
+    exactly the whole-string encoding of the conversation (the markers are pieces of their own, so the tokens
+    before one do not depend on what follows it). Tokenizing costs O(prompt + responses), not N x prompt."""
+
+    def __init__(self, prompt: Sequence[Message], tokenizer: SentencePieceTokenizer):
+        segments = render_segments(prompt)
+        text = segments.system + "".join(segments.turns) + END_MARKER
+        ids = tokenizer.encode(text)
+        starts = tokenizer.segment_starts(text, ids, [len(segments.system), *map(len, segments.turns), len(END_MARKER)])
+        self.prefix = ids[:starts[-1]]
+        self.turn_starts = list(starts[1:-1])
+        self.end = ids[starts[-1]:]
+        turns = [m for m in prompt if m.role != "system"]
+        self.roles = [m.role for m in turns]
+        self.contents = [m.content for m in turns]
+        self.tokenizer = tokenizer
+
+    def response(self, content: str) -> _EncodedConversation:
+        turn = self.tokenizer.encode_segment(f"{TURN_MARKER}{ROLE_LABELS['assistant']}\n{content}\n")
+        conversation = _EncodedConversation.__new__(_EncodedConversation)
+        size = len(self.prefix)
+        SegmentedPrompt.__init__(conversation, _JoinedIds(self.prefix, turn + self.end),
+                                 [*self.turn_starts, size, size + len(turn)])
+        conversation._tokenizer = self.tokenizer
+        conversation._roles = [*self.roles, "assistant"]
+        conversation._contents = [*self.contents, content]
+        return conversation
+
+
 class _TokenPrompt(SegmentedPrompt):
     """An already formatted prompt's tokens (KServe): turns start at `<extra_id_1>`; a turn cut inside keeps
     its header tokens (`<extra_id_1>User\\n` / `<extra_id_1>Assistant\\n` when they are there)."""
@@ -283,6 +335,26 @@ def tokenize_turns(
     return prompts[::-1]
 
 
+def tokenize_best_of_n(
+    prompt: Sequence[Message],
+    responses: Sequence[str],
+    tokenizer: SentencePieceTokenizer,
+    *,
+    max_tokens: int,
+    truncate: TruncateMode = "none",
+) -> list[TokenizedPrompt]:
+    """One prompt per response (the prompt, then that assistant reply), as `tokenize_conversation` gives each
+    conversation, with the prompt encoded once; limits and truncation apply to each as there, an over-long
+    one named `responses[i]`."""
+    encoded = _BestOfN(prompt, tokenizer)
+    out = []
+    for index, response in enumerate(responses):
+        conversation = encoded.response(response)
+        out.append(fit_prompt(conversation, conversation.num_turns - 1, max_tokens, truncate, index,
+                              f"responses[{index}]"))
+    return out
+
+
 def fit_token_ids(token_ids: Sequence[int], tokenizer: SentencePieceTokenizer, *, max_tokens: int) -> TokenizedPrompt:
     """Fits an already formatted prompt (the KServe/Triton route's input) into `max_tokens` as
     `truncate="left"` fits a conversation, so the score is still read at the real `<extra_id_2>`: what
@@ -309,6 +381,10 @@ class SteerLMPrompt:
 
     def tokenize_turns(self, messages: Sequence[Message], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
         return tokenize_turns(messages, self.tokenizer, **kwargs)
+
+    def tokenize_best_of_n(self, prompt: Sequence[Message], responses: Sequence[str], **kwargs: Any
+                           ) -> list[TokenizedPrompt]:
+        return tokenize_best_of_n(prompt, responses, self.tokenizer, **kwargs)
 
     def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
         return fit_token_ids(token_ids, self.tokenizer, max_tokens=max_tokens)

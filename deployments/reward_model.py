@@ -42,6 +42,10 @@ class RewardModelDeployment:
             raise EngineUnavailableError(e.message, replica_id=serve.get_replica_context().replica_id.unique_id
                                          ) from None
 
+    async def score_tagged(self, token_batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, str]:
+        """`score`, with this replica's id (the router reports it in each response's `usage`)."""
+        return await self.score(token_batch), serve.get_replica_context().replica_id.unique_id
+
     def record_routing_stats(self) -> dict:
         """Polled by Serve for every router's request router (deployments.model_routing)."""
         return {"engine_broken": bool(getattr(self.engine, "broken", None))}

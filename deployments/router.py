@@ -1,14 +1,17 @@
 """The HTTP ingress and handle entry point: validate -> render and tokenize -> batch to the model ->
 weigh the attributes -> respond.
 
-Routes: `POST /v1/score` (and the `score` handle method), the hosted API's `POST /v1/chat/completions`
+Routes: `POST /v1/score` (and the `score` handle method; their work in the `deployments.score_routes` mixin), the hosted API's `POST /v1/chat/completions`
 and `GET /v1/models` (`deployments.openai_api`), `/health`, KServe v2 / Triton `/v2/...` (their work in
 the `deployments.kserve_routes` mixin), OpenRLHF's `POST /get_reward` and vLLM's `POST /classify` and
 `POST /pooling` (their work in the `deployments.rlhf_routes` mixin). The app, its middleware and the error mapping are
 `deployments.http_app`. Every scoring route goes through the same path, `_score_tokens`: its prompts of all
 concurrent requests share one pull-based token-budget queue per replica (`deployments.batcher`), built in
-`__init__` from the service config: a batch of up to `max_tokens_per_batch` tokens leaves as soon as fewer
-than `max_batches_in_flight` are in flight; past `max_queued_tokens` a request gets 503 + Retry-After.
+`__init__` from the service config: a batch of up to `max_tokens_per_batch` computed tokens (after prefix
+sharing) leaves as soon as fewer than `max_batches_in_flight` are in flight, its prompts chosen by deficit
+round robin (`deployments.scheduler`); past `max_queued_tokens` a request gets 503 + Retry-After. Admission
+(`deployments.admission`) refuses a request the router cannot take before its body is read or tokenized, and
+carries its deadline to the batcher.
 Each batch makes one model call and one `ScoringDeployment.weigh` call (each prompt with its request's weights),
 not one scoring call per request.
 Errors leave as the typed errors of `deployments.errors`: as JSON in one shape over HTTP, as the same
@@ -24,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any, Hashable, NamedTuple
 
 import numpy as np
 from fastapi import Request
@@ -32,9 +35,10 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from configs.service import ServiceConfig
-from deployments.affinity_routes import AffinityRoutes
+from deployments.affinity_routes import AffinityRoutes, carried_scope, scope_from
+from deployments.admission import AdmissionGate, RequestScope, current_scope, parse_timeout
 from deployments.auth import ApiKeyCheck, load_api_key
-from deployments.batcher import TokenBatcher
+from deployments.batcher import RequestUsage, TokenBatcher
 from deployments.chat_template import prompt_format_for
 from deployments.errors import (
     InputTooLongError,
@@ -46,9 +50,9 @@ from deployments.errors import (
 from deployments.http_app import app, as_service_error, error_response_for, route_name
 from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
-from deployments.limits import check_messages, check_raw_score_request, check_score_request, check_tokens, parse_json
+from deployments.limits import check_messages, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
-from deployments.router_affinity import ROUTER_DEPLOYMENT, affinity_key, messages_affinity_key
+from deployments.router_affinity import affinity_key, messages_affinity_key
 from deployments.model_routing import (
     FAILOVER_ATTEMPTS,
     FAILOVER_BACKOFF_S,
@@ -66,29 +70,30 @@ from deployments.openapi_docs import (
     json_body_docs,
 )
 from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
-from deployments.prompt import TokenizedPrompt
 from deployments.prompt_faults import PromptFaults
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
+from deployments.score_routes import ScoreRoutes
 from deployments.scoring import scored_rows
-from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
+from deployments.schemas import ScoreRequest, ScoreResponse
 from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
-from sharding.forest import unique_tokens
 
 logger = logging.getLogger("ray.serve")
 
 
 class ModelScores(NamedTuple):
-    """One request's model output: float32 [N, A] attributes and float64 [N] weighted scores."""
+    """One request's model output: float32 [N, A] attributes, float64 [N] weighted scores, and what the batches
+    it rode in cost (`deployments.batcher.RequestUsage`)."""
 
     attributes: np.ndarray
     scores: np.ndarray
+    usage: RequestUsage | None = None
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
-class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
+class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
     def __init__(self, model_handle: Any, scoring_handle: Any, config: dict[str, Any]):
         self._cfg = ServiceConfig.model_validate(config)
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
@@ -114,6 +119,9 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
             max_batches_in_flight=batches_in_flight_for(self._cfg, running_model_replicas=None),
             max_queued_tokens=self._cfg.router.max_queued_tokens,
         )
+        self._admission = AdmissionGate(self._batcher, self._limits.max_ongoing_requests,
+                                        self._limits.max_queued_tokens, self._limits.max_timeout_s)
+        app.state.admission = self._admission  # the HTTP middleware admits scoring requests before their body
         self._replica_follower: asyncio.Task | None = None
         self._routers: Any = None  # handle to the Router deployment (prefix affinity), made on first use
         self._affinity_prompts: dict[str | None, int] = {}  # requests scored here as their key's home
@@ -126,15 +134,16 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
     # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
 
     async def _run_model_batch(self, token_lists: list[list[int]], weights: list[Sequence[float] | None]
-                               ) -> np.ndarray:
+                               ) -> tuple[np.ndarray, str]:
         """One model call and one scoring call for a token-budget batch: float64 [B, A + 1], the attributes
-        then each prompt's weighted score (with its request's weights; None: the service's)."""
+        then each prompt's weighted score (with its request's weights; None: the service's), and the model
+        replica that computed it."""
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
             for attempt in range(FAILOVER_ATTEMPTS):
                 try:
-                    output = await self._model.score.remote(token_lists)
+                    output, replica = await self._model.score_tagged.remote(token_lists)
                     break
                 except Exception as exc:  # noqa: BLE001 - only a failed model replica is retried
                     if not fails_over(self._cfg, exc, attempt):
@@ -148,7 +157,7 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
         scores = np.asarray(await self._scoring.weigh.remote(attributes, weights), dtype=np.float64)
-        return np.column_stack([attributes.astype(np.float64), scores])
+        return np.column_stack([attributes.astype(np.float64), scores]), replica
 
     def _follow_model_replicas(self) -> None:
         """Under model autoscaling, keeps the batcher's cap at the running replicas' share (started on first use)."""
@@ -159,10 +168,16 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
     async def _score_tokens(self, token_lists: Sequence[list[int]], param: str | None = None,
                             weights: Sequence[float] | None = None) -> ModelScores:
         """Attributes and weighted scores of a request's prompts: they enter the replica's batch queue at once,
-        together (after the per-request token limit); `weights` are the request's own (None: the service's)."""
+        together (after the per-request token limit), with what is left of the request's deadline; `weights`
+        are the request's own (None: the service's)."""
         check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
         self._follow_model_replicas()
-        rows = await self._batcher.score(token_lists, [weights] * len(token_lists))
+        scope = current_scope.get() or RequestScope(arrived_s=time.perf_counter())
+        job = await self._in_pool(TokenBatcher.prepare, token_lists, scope.tenant)  # sorting: off the loop
+        submitted_s = time.perf_counter()
+        rows, usage = await self._batcher.submit(job, [weights] * len(token_lists), timeout_s=scope.remaining_s())
+        if usage.queue_ms is not None:
+            self._metrics.request_timed(usage.queue_ms / 1e3, submitted_s - scope.arrived_s + usage.queue_ms / 1e3)
         attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
         bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
         if bad.size:
@@ -171,7 +186,7 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
                 raise ServiceError(f"the model failed on prompt {int(bad[0])} of the request: {fault}")
             raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
                                f"the request ({bad.size} in all); no score is given")
-        return ModelScores(attributes, rows[:, -1])
+        return ModelScores(attributes, rows[:, -1], usage)
 
     def _scored_rows(self, scores: ModelScores, custom_weights: bool) -> list[dict[str, Any]]:
         """`{"score", "attributes"}` per prompt (`deployments.scoring.scored_rows`: an overflowing score is an error)."""
@@ -184,75 +199,30 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
 
     # --- POST /v1/score and the handle ------------------------------------------------------------------
 
-    def _validate(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
-        """A request body (bytes over HTTP, a dict or a ScoreRequest from a handle) checked against the limits
-        (counts on the raw JSON first, before it becomes models) and validated."""
-        if isinstance(body, ScoreRequest):
-            request = body
-        else:
-            raw = parse_json(body) if isinstance(body, bytes) else body
-            check_raw_score_request(raw, self._limits)
-            request = ScoreRequest.model_validate(raw)
-        check_score_request(request, self._limits)
-        num_attributes = len(self._cfg.scoring.attribute_names)
-        if request.weights is not None and len(request.weights) != num_attributes:
-            raise InvalidRequestError(
-                f"weights has {len(request.weights)} values; the model has {num_attributes} attributes "
-                f"({', '.join(self._cfg.scoring.attribute_names)})",
-                param="weights",
-            )
-        return request
-
-    def _tokenize(self, request: ScoreRequest) -> list[list[tuple[int, TokenizedPrompt]]]:
-        """Per conversation, its `(message index, prompt)` list: the last message only, or every assistant
-        turn's prefix with `turns: "all"`."""
-        out = []
-        for index, conversation in enumerate(request.scored_conversations):
-            kwargs = dict(max_tokens=self._limit_tokens, truncate=request.truncate, conversation_index=index)
-            if request.turns == "all":
-                out.append(self._prompt.tokenize_turns(conversation.messages, **kwargs))
-            else:
-                last = len(conversation.messages) - 1
-                field = f"responses[{index}]" if request.best_of_n else None
-                out.append([(last, self._prompt.tokenize_conversation(conversation.messages, field=field, **kwargs))])
-        return out
-
-    async def _score_validated(self, request: ScoreRequest) -> ScoreResponse:
-        per_conversation = await self._in_pool(self._tokenize, request)
-        prompts = [prompt for turns in per_conversation for _, prompt in turns]
-        self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
-        model_scores = await self._score_tokens([prompt.token_ids for prompt in prompts], weights=request.weights)
-        scored = iter(self._scored_rows(model_scores, custom_weights=request.weights is not None))
-        results = []
-        for index, turns in enumerate(per_conversation):
-            turn_results = [
-                TurnResult(message_index=message_index, num_tokens=prompt.num_tokens, truncated=prompt.truncated,
-                           **next(scored))
-                for message_index, prompt in turns
-            ]
-            last = turn_results[-1].model_dump(exclude={"message_index"})
-            results.append(ScoreResult(index=index, turns=turn_results if request.turns == "all" else None, **last))
-        # computed_tokens: the request's prompts as one token forest (sharding/forest.py, numpy only).
-        usage = Usage(prompt_tokens=sum(prompt.num_tokens for prompt in prompts),
-                      computed_tokens=unique_tokens([prompt.token_ids for prompt in prompts]))
-        return ScoreResponse(model=self._cfg.model_name, device=self._cfg.device_label, results=results, usage=usage)
-
     async def _score_at_home(self, request: ScoreRequest) -> dict[str, Any] | ScoreResponse:
         """Scores here with one router replica; with several, at the request's home router (prefix affinity,
         `deployments.router_affinity`), which may be this one."""
         if self._cfg.router.max_replicas < 2:
             return await self._score_validated(request)
-        if self._routers is None:
-            self._routers = serve.get_deployment_handle(
-                ROUTER_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
         body = request.model_dump(mode="json", exclude_unset=True)
-        return await self._routers.score_routed.remote(body, affinity_key=affinity_key(request))
+        return await self._router_handle().score_routed.remote(body, affinity_key=affinity_key(request),
+                                                                scope=carried_scope())
 
-    async def score_routed(self, request: dict[str, Any], affinity_key: str | None = None) -> dict[str, Any]:
+    async def score_routed(self, request: dict[str, Any], affinity_key: str | None = None,
+                           scope: tuple[Hashable, float | None] | None = None) -> dict[str, Any]:
         """A request another router replica handed to this one, its home for `affinity_key` (Serve's request
-        router chose this replica by the key); scored here."""
+        router chose this replica by the key); scored here under the sender's tenant and what is left of its
+        deadline (`scope`, `deployments.affinity_routes.carried_scope`)."""
         self._affinity_prompts[affinity_key] = self._affinity_prompts.get(affinity_key, 0) + 1
-        return await self._typed_errors(lambda: self._score_validated(self._validate(request)))
+
+        async def scoring() -> Any:
+            token = current_scope.set(scope_from(scope))
+            try:
+                return await self._score_validated(await self._validated_in_scope(request))
+            finally:
+                current_scope.reset(token)
+
+        return await self._typed_errors(scoring)
 
     async def routed_requests(self, affinity_key: str | None = None) -> dict[str, Any]:
         """This replica's id, the requests it scored as their key's home by key, and its model batches' totals
@@ -260,9 +230,19 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
         return {"replica_id": serve.get_replica_context().replica_id.unique_id,
                 "requests": {str(k): n for k, n in self._affinity_prompts.items()}, **self._metrics.totals}
 
-    async def score(self, request: dict[str, Any] | ScoreRequest) -> dict[str, Any]:
-        """Handle entry point: same validation and typed errors as `POST /v1/score`; returns its JSON."""
-        return await self._typed_errors(lambda: self._score_at_home(self._validate(request)))
+    async def score(self, request: dict[str, Any] | ScoreRequest, timeout_s: float | None = None) -> dict[str, Any]:
+        """Handle entry point: same admission, validation and typed errors as `POST /v1/score`; returns its JSON.
+        `timeout_s` is the request's deadline (as the body's `timeout_s`, which may shorten it)."""
+        async def scoring() -> Any:
+            scope = self._admission.admit(None, parse_timeout(timeout_s, "timeout_s", self._limits.max_timeout_s))
+            token = current_scope.set(scope)
+            try:
+                return await self._score_at_home(await self._validated_in_scope(request))
+            finally:
+                self._admission.release()
+                current_scope.reset(token)
+
+        return await self._typed_errors(scoring)
 
     @staticmethod
     async def _typed_errors(scoring: Callable[[], Any]) -> dict[str, Any]:
@@ -280,7 +260,7 @@ class Router(KServeRoutes, RLHFRoutes, AffinityRoutes):
               openapi_extra=json_body_docs(ScoreRequest))
     async def score_http(self, http_request: Request) -> Any:
         try:
-            return await self._score_at_home(await self._in_pool(self._validate, await http_request.body()))
+            return await self._score_at_home(await self._validated_in_scope(await http_request.body()))
         except Exception as exc:
             return self._http_error(exc, http_request)
 

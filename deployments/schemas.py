@@ -230,9 +230,18 @@ class ScoreResult(StrictBody):
 class Usage(StrictBody):
     prompt_tokens: StrictInt = Field(description="Tokens scored over all prompts (conversations or turns).")
     computed_tokens: StrictInt = Field(
-        description="Unique tokens of those prompts: a prefix shared by several prompts of the request (a "
-        "best-of-N prompt, earlier turns with `turns: \"all\"`, repeated conversations) counts once; what the "
-        "model computes for this request when it is batched alone.")
+        description="Tokens the model computed for this request: summed over the batches it rode in, the unique "
+        "tokens of its prompts in that batch (a prefix its prompts share within one batch counts once; a request "
+        "cut over several batches counts the prefix once per batch). Batched alone in one batch: its unique tokens.")
+    queue_ms: float | None = Field(
+        default=None, description="Milliseconds from entering the router's batch queue to its first batch.")
+    compute_ms: float | None = Field(
+        default=None, description="Wall milliseconds of the model batches it rode in (overlapping batches once).")
+    batch_tokens: list[StrictInt] | None = Field(
+        default=None, description="Computed tokens of each batch it rode in, all requests of the batch, as the "
+        "router budgets them (a prefix shared by unrelated requests is counted for each).")
+    model_replicas: list[str] | None = Field(
+        default=None, description="The model replicas that computed its batches.")
 
 
 class ScoreResponse(StrictBody):

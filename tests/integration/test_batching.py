@@ -163,7 +163,9 @@ def test_two_router_replicas_serve_one_model(two_router_app, demo_app):
         # Batch mates change raw floats by ~1e-6 (the forest layout); the weights are the same.
         assert response.json()["results"][0]["score"] == pytest.approx(reference.json()["results"][0]["score"],
                                                                       abs=1e-5)
-        assert response.json()["usage"] == reference.json()["usage"]
+        timing = {"queue_ms", "compute_ms", "batch_tokens", "model_replicas"}  # depend on the batch mates
+        assert ({k: v for k, v in response.json()["usage"].items() if k not in timing}
+                == {k: v for k, v in reference.json()["usage"].items() if k not in timing})
     assert set(after) == set(before) and len(after) == 2
     served = {rid: after[rid]["requested_tokens"] - before[rid]["requested_tokens"] for rid in after}
     assert all(tokens > 0 for tokens in served.values()), served  # both routers sent batches

@@ -115,8 +115,12 @@ def test_http_best_of_n_and_all_turns_equal_each_sequence_alone(http, reference_
     assert [r["index"] for r in got["results"]] == [0, 1, 2, 3]
     attributes = np.array([[r["attributes"][name] for name in ATTRIBUTE_NAMES] for r in got["results"]])
     assert np.abs(attributes - want).max() <= TOL
-    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": tokens_computed_once(ids)}
-    assert got["usage"]["computed_tokens"] < got["usage"]["prompt_tokens"]
+    usage = got["usage"]
+    assert (usage["prompt_tokens"], usage["computed_tokens"]) == (sum(map(len, ids)), tokens_computed_once(ids))
+    assert usage["computed_tokens"] < usage["prompt_tokens"]
+    # Alone on the idle service: one batch, all of it this request's.
+    assert usage["batch_tokens"] == [usage["computed_tokens"]] and len(usage["model_replicas"]) == 1
+    assert usage["queue_ms"] >= 0 and usage["compute_ms"] > 0
 
     conversations = [random_conversation(rng) for _ in range(3)]
     got = http.post("/v1/score", json={"conversations": conversations, "turns": "all"}).raise_for_status().json()
@@ -125,7 +129,8 @@ def test_http_best_of_n_and_all_turns_equal_each_sequence_alone(http, reference_
     turns = [t for r in got["results"] for t in r["turns"]]
     attributes = np.array([[t["attributes"][name] for name in ATTRIBUTE_NAMES] for t in turns])
     assert np.abs(attributes - want).max() <= TOL
-    assert got["usage"] == {"prompt_tokens": sum(map(len, ids)), "computed_tokens": tokens_computed_once(ids)}
+    assert ((got["usage"]["prompt_tokens"], got["usage"]["computed_tokens"])
+            == (sum(map(len, ids)), tokens_computed_once(ids)))
 
 
 def test_handle_best_of_n_and_bad_shape(demo_app, reference_scorer, tokenizer):

@@ -118,7 +118,7 @@ def test_in_flight_is_bounded_and_slots_refill():
     run(main())
 
 
-def test_request_over_the_budget_stays_contiguous_and_in_order():
+def test_request_over_the_budget_is_cut_in_forest_order_and_a_small_one_is_not_stuck_behind_it():
     async def main():
         model = FakeModel(auto=True)
         batcher = TokenBatcher(model, max_tokens_per_batch=20, max_batches_in_flight=1, max_queued_tokens=1000)
@@ -130,7 +130,8 @@ def test_request_over_the_budget_stays_contiguous_and_in_order():
         blocker.release(0)
         big_out, small_out, _ = await asyncio.gather(big, small, held)
         firsts = [[t[0] for t in call] for call in model.calls]
-        assert firsts == [[1, 2], [3, 4], [5, 50]]  # big's prompts contiguous and first, then small
+        # The small request (its fair share) rides in the next batch; the big one fills it, cut in forest order.
+        assert firsts == [[50, 1, 2], [3, 4], [5]]
         np.testing.assert_array_equal(big_out[:, 1], [1, 2, 3, 4, 5])
         np.testing.assert_array_equal(small_out, [[3, 50]])
 
@@ -226,7 +227,7 @@ def test_extras_travel_with_their_prompts_across_batches():
         blocker.release(0)
         await asyncio.gather(big, small, held)
         assert blocker.extras == [[None]]
-        assert model.extras == [["a0", "a1"], ["a2", None]]
+        assert model.extras == [[None, "a0", "a1"], ["a2"]]
         with pytest.raises(ValueError, match="2 extras for 3 prompts"):
             await batcher.score(prompts(1, 1, 1), extras=["x", "y"])
 

@@ -87,7 +87,8 @@ def test_response_model_round_trip():
         "device": "cpu",
         "results": [{"index": 0, "score": 1.5, "attributes": {"helpfulness": 2.0}, "num_tokens": 12,
                      "truncated": False}],
-        "usage": {"prompt_tokens": 12, "computed_tokens": 12},
+        "usage": {"prompt_tokens": 12, "computed_tokens": 12, "queue_ms": 0.5, "compute_ms": 20.25,
+                  "batch_tokens": [40], "model_replicas": ["abc"]},
     }
     assert ScoreResponse.model_validate(payload).model_dump(mode="json") == payload
 

@@ -16,6 +16,7 @@ from deployments.prompt import (
     fit_token_ids,
     render_prompt,
     render_segments,
+    tokenize_best_of_n,
     tokenize_conversation,
     tokenize_turns,
 )
@@ -212,3 +213,48 @@ def test_fit_token_ids_is_linear_on_marker_floods(demo_tokenizer):
         fitted = fit_token_ids([marker] * n, demo_tokenizer, max_tokens=4096)
         assert fitted.truncated and fitted.num_tokens <= 4096
     assert time.perf_counter() - started < 10  # generous: ~1 s here; a correctness guard, not a benchmark
+
+
+BEST_OF_N = [m for m in TRICKY if len(m) >= 2 and m[-2].role == "user"]
+
+
+@pytest.mark.parametrize("messages", BEST_OF_N)
+def test_best_of_n_encodes_the_prompt_once_and_equals_each_conversation(tokenizer, messages):
+    """`tokenize_best_of_n` (the prompt encoded once, then each response's turn) gives every response the
+    tokens `tokenize_conversation` gives the whole conversation, within the limit and truncated; the prompt's
+    text goes through the tokenizer once, whatever N."""
+    responses = [messages[-1].content, "short", " spaced  out ", "ﬁ ① ½ <extra_id_1>x", "z " * 40]
+    prompt = messages[:-1]
+    calls = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda text: calls.append(text) or encode(text)
+    try:
+        got = tokenize_best_of_n(prompt, responses, tokenizer, max_tokens=100_000)
+        prompt_text = calls[0]
+    finally:
+        tokenizer.encode = encode
+    # One encode of the prompt, one per response turn (which holds none of the prompt's text).
+    assert len(calls) == 1 + len(responses) and prompt_text.endswith("<extra_id_2>")
+    assert all(text.startswith("<extra_id_1>Assistant\n") for text in calls[1:])
+    for response, prompt_ids in zip(responses, got):
+        whole = tokenize_conversation([*prompt, Message(role="assistant", content=response)], tokenizer,
+                                      max_tokens=100_000)
+        assert prompt_ids == whole
+    full = min(len(p.token_ids) for p in got)
+    for limit in (full - 1, full - 7, full // 2, 20):
+        for response in responses:
+            conversation = [*prompt, Message(role="assistant", content=response)]
+            try:
+                expected = tokenize_conversation(conversation, tokenizer, max_tokens=limit, truncate="left")
+            except InputTooLongError as error:
+                with pytest.raises(InputTooLongError, match=r"responses\[0\] has %d tokens" % error.num_tokens):
+                    tokenize_best_of_n(prompt, [response], tokenizer, max_tokens=limit, truncate="left")
+                continue
+            assert tokenize_best_of_n(prompt, [response], tokenizer, max_tokens=limit, truncate="left") == [expected]
+
+
+def test_best_of_n_names_the_over_long_response(tokenizer):
+    prompt = msgs(("user", "a question"))
+    with pytest.raises(InputTooLongError, match=r"responses\[1\] has \d+ tokens; the limit is 100") as info:
+        tokenize_best_of_n(prompt, ["ok", "long " * 200], tokenizer, max_tokens=100)
+    assert info.value.param == "responses[1]"
