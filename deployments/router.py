@@ -68,7 +68,7 @@ from deployments.openrlhf_api import GetRewardRequest, GetRewardResponse
 from deployments.prompt import TokenizedPrompt
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
-from deployments.scoring import scored_rows
+from deployments.scoring import PromptWeights, WeightsObject, check_request_weights, scored_rows
 from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
 from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
@@ -79,10 +79,12 @@ ROUTER_DEPLOYMENT = "Router"
 
 
 class ModelScores(NamedTuple):
-    """One request's model output: float32 [N, A] attributes and float64 [N] weighted scores."""
+    """One request's model output: float32 [N, A] attributes, float64 [N] weighted scores, and per prompt its
+    named rewards (None without named weights)."""
 
     attributes: np.ndarray
     scores: np.ndarray
+    rewards: list[dict[str, float] | None]
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
@@ -123,10 +125,10 @@ class Router(KServeRoutes, RLHFRoutes):
 
     # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
 
-    async def _run_model_batch(self, token_lists: list[list[int]], weights: list[Sequence[float] | None]
-                               ) -> np.ndarray:
+    async def _run_model_batch(self, token_lists: list[list[int]], weights: list[PromptWeights]) -> np.ndarray:
         """One model call and one scoring call for a token-budget batch: float64 [B, A + 1], the attributes
-        then each prompt's weighted score (with its request's weights; None: the service's)."""
+        then each prompt's weighted score (with its request's weights; None: the service's); named rewards
+        are set on each prompt's `PromptWeights`."""
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
@@ -144,8 +146,10 @@ class Router(KServeRoutes, RLHFRoutes):
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
-        scores = np.asarray(await self._scoring.weigh.remote(attributes, weights), dtype=np.float64)
-        return np.column_stack([attributes.astype(np.float64), scores])
+        weighed = await self._scoring.weigh.remote(attributes, [w.weights for w in weights])
+        for prompt, rewards in zip(weights, weighed.rewards or ()):
+            prompt.rewards = rewards
+        return np.column_stack([attributes.astype(np.float64), np.asarray(weighed.scores, dtype=np.float64)])
 
     def _follow_model_replicas(self) -> None:
         """Under model autoscaling, keeps the batcher's cap at the running replicas' share (started on first use)."""
@@ -154,22 +158,25 @@ class Router(KServeRoutes, RLHFRoutes):
                 follow_model_replicas(self._cfg, self._batcher))
 
     async def _score_tokens(self, token_lists: Sequence[list[int]], param: str | None = None,
-                            weights: Sequence[float] | None = None) -> ModelScores:
+                            weights: WeightsObject = None) -> ModelScores:
         """Attributes and weighted scores of a request's prompts: they enter the replica's batch queue at once,
         together (after the per-request token limit); `weights` are the request's own (None: the service's)."""
         check_tokens(sum(len(ids) for ids in token_lists), self._limits, param)
         self._follow_model_replicas()
-        rows = await self._batcher.score(token_lists, [weights] * len(token_lists))
+        extras = [PromptWeights(weights) for _ in token_lists]
+        rows = await self._batcher.score(token_lists, extras)
         attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
         bad = np.flatnonzero(~np.isfinite(attributes).all(axis=1))
         if bad.size:
             raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
                                f"the request ({bad.size} in all); no score is given")
-        return ModelScores(attributes, rows[:, -1])
+        return ModelScores(attributes, rows[:, -1], [extra.rewards for extra in extras])
 
-    def _scored_rows(self, scores: ModelScores, custom_weights: bool) -> list[dict[str, Any]]:
-        """`{"score", "attributes"}` per prompt (`deployments.scoring.scored_rows`: an overflowing score is an error)."""
-        return scored_rows(self._cfg.scoring.attribute_names, scores.attributes, scores.scores, custom_weights)
+    def _scored_rows(self, scores: ModelScores, weights: WeightsObject, rewards: bool = True) -> list[dict[str, Any]]:
+        """`{"score", "attributes"}` (and `"rewards"`) per prompt (`deployments.scoring.scored_rows`: an overflowing
+        value is an error); `weights`: the request's own."""
+        return scored_rows(self._cfg.scoring.attribute_names, scores.attributes, scores.scores, weights,
+                           scores.rewards if rewards else None)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """CPU work of a request (tokenizing, fitting, decoding KServe bodies) on the bounded tokenizer pool."""
@@ -188,13 +195,7 @@ class Router(KServeRoutes, RLHFRoutes):
             check_raw_score_request(raw, self._limits)
             request = ScoreRequest.model_validate(raw)
         check_score_request(request, self._limits)
-        num_attributes = len(self._cfg.scoring.attribute_names)
-        if request.weights is not None and len(request.weights) != num_attributes:
-            raise InvalidRequestError(
-                f"weights has {len(request.weights)} values; the model has {num_attributes} attributes "
-                f"({', '.join(self._cfg.scoring.attribute_names)})",
-                param="weights",
-            )
+        check_request_weights(request.weights, self._cfg.scoring.attribute_names)
         return request
 
     def _tokenize(self, request: ScoreRequest) -> list[list[tuple[int, TokenizedPrompt]]]:
@@ -216,7 +217,7 @@ class Router(KServeRoutes, RLHFRoutes):
         prompts = [prompt for turns in per_conversation for _, prompt in turns]
         self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
         model_scores = await self._score_tokens([prompt.token_ids for prompt in prompts], weights=request.weights)
-        scored = iter(self._scored_rows(model_scores, custom_weights=request.weights is not None))
+        scored = iter(self._scored_rows(model_scores, request.weights))
         results = []
         for index, turns in enumerate(per_conversation):
             turn_results = [
