@@ -20,7 +20,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from configs.service import ModelReplicasConfig, RouterConfig, ServiceConfig
+from configs.service import ModelReplicasConfig, RouterConfig, ScoringConfig, ServiceConfig
 from deployments.chat_template import prompt_format_for
 from deployments.model_routing import MODEL_REQUEST_ROUTER, ROUTING_STATS_PERIOD_S
 from deployments.reward_model import RewardModelDeployment
@@ -53,11 +53,19 @@ def build_app(args: dict[str, Any]) -> Application:
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
-    scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
+    scoring = ScoringDeployment.options(user_config=scoring_user_config(config.scoring)).bind(config_json)
     return Router.options(
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_REQUEST_ROUTER),
         **replica_options(config.router, target=ROUTER_TARGET_ONGOING_REQUESTS),
     ).bind(model, scoring, config_json)
+
+
+def scoring_user_config(scoring: ScoringConfig) -> dict[str, Any]:
+    """The ScoringDeployment's live weights (its `user_config`; a Serve config file's own replaces it)."""
+    user_config: dict[str, Any] = {"weights": list(scoring.weights)}
+    if scoring.named_weights is not None:
+        user_config["named_weights"] = {name: list(vector) for name, vector in scoring.named_weights.items()}
+    return user_config
 
 
 def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) -> dict[str, Any]:

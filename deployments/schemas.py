@@ -17,12 +17,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import WithJsonSchema
@@ -256,37 +254,30 @@ REWARDS_DESCRIPTION = ("With named weights (the request's `weights` object, else
                        "{name: dot(vector, attributes)} per name; absent otherwise.")
 
 
-class OmitsAbsent(StrictBody):
-    """Leaves out the optional fields that are None (`rewards`, `turns`), so a request without them keeps the
-    original response shape."""
-
-    @model_serializer(mode="wrap")
-    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for key in ("rewards", "turns"):
-            if data.get(key, 0) is None:
-                del data[key]
-        return data
+def _absent(value: Any) -> bool:
+    """Optional result fields (`rewards`, `turns`) are left out when None: a request without them keeps the
+    original response shape (a field-level rule, so the OpenAPI document still shows the fields)."""
+    return value is None
 
 
-class TurnResult(OmitsAbsent):
+class TurnResult(StrictBody):
     message_index: StrictInt = Field(description="Index in `messages` of the assistant turn scored.")
     score: float = Field(description="dot(weights, attributes).")
     attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
-    rewards: dict[str, float] | None = Field(default=None, description=REWARDS_DESCRIPTION)
+    rewards: dict[str, float] | None = Field(default=None, exclude_if=_absent, description=REWARDS_DESCRIPTION)
     num_tokens: StrictInt = Field(description="Tokens the model scored for this prefix.")
     truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
 
 
-class ScoreResult(OmitsAbsent):
+class ScoreResult(StrictBody):
     index: StrictInt = Field(description="Position of the conversation in the request.")
     score: float = Field(description="dot(weights, attributes).")
     attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
-    rewards: dict[str, float] | None = Field(default=None, description=REWARDS_DESCRIPTION)
+    rewards: dict[str, float] | None = Field(default=None, exclude_if=_absent, description=REWARDS_DESCRIPTION)
     num_tokens: StrictInt = Field(description="Tokens the model scored for this conversation.")
     truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
     turns: list[TurnResult] | None = Field(
-        default=None,
+        default=None, exclude_if=_absent,
         description="With `turns: \"all\"`: one result per assistant turn, in turn order (the last one is the "
         "conversation's own result); absent otherwise.",
     )
