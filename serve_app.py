@@ -20,7 +20,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from configs.service import ModelReplicasConfig, RouterConfig, ServiceConfig
+from configs.service import ModelReplicasConfig, RouterConfig, ScoringConfig, ServiceConfig
 from deployments.chat_template import prompt_format_for
 from deployments.model_routing import MODEL_REQUEST_ROUTER, ROUTING_STATS_PERIOD_S
 from deployments.reward_model import RewardModelDeployment
@@ -54,7 +54,7 @@ def build_app(args: dict[str, Any]) -> Application:
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         **replica_options(config.model, target=config.model_max_ongoing_requests),
     ).bind(config_json)
-    scoring = ScoringDeployment.options(user_config={"weights": list(config.scoring.weights)}).bind(config_json)
+    scoring = ScoringDeployment.options(user_config=scoring_user_config(config.scoring)).bind(config_json)
     # The router's own gate (deployments.admission) refuses past router.max_ongoing_requests, at once and with
     # Retry-After in the error shape; Serve delivers ADMISSION_HEADROOM more than that so the gate sees them (a
     # refusal costs microseconds). Serve's proxy queues requests briefly while it assigns them to a replica, so
@@ -81,15 +81,23 @@ def check_batching(config: ServiceConfig) -> None:
             f"{most} batches the routers can keep on one model replica (router replicas {routers} x "
             f"max_batches_in_flight {in_flight}): the model would never scale up"
         )
-    router_most = Router.max_ongoing_requests
+    router_most = config.router.max_ongoing_requests
     scaling = config.router.autoscaling
     if scaling is not None and scaling.target_ongoing_requests is not None and \
             scaling.target_ongoing_requests > router_most:
         raise ValueError(
             f"router.autoscaling.target_ongoing_requests {scaling.target_ongoing_requests:g} is above the "
-            f"{router_most} requests one router replica takes at once (its max_ongoing_requests): the routers "
-            "would never scale up"
+            f"{router_most} requests one router replica admits at once (router.max_ongoing_requests): the "
+            "routers would never scale up"
         )
+
+
+def scoring_user_config(scoring: ScoringConfig) -> dict[str, Any]:
+    """The ScoringDeployment's live weights (its `user_config`; a Serve config file's own replaces it)."""
+    user_config: dict[str, Any] = {"weights": list(scoring.weights)}
+    if scoring.named_weights is not None:
+        user_config["named_weights"] = {name: list(vector) for name, vector in scoring.named_weights.items()}
+    return user_config
 
 
 def replica_options(section: ModelReplicasConfig | RouterConfig, target: float) -> dict[str, Any]:

@@ -12,19 +12,7 @@ from configs.accelerators import ACCELERATORS
 from configs.base import StrictModel
 from configs.migrations import check_removed_keys
 from configs.model import ModelArchConfig
-
-ATTRIBUTE_NAMES: tuple[str, ...] = (
-    "quality",
-    "toxicity",
-    "humor",
-    "creativity",
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-)
-DEFAULT_WEIGHTS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
+from configs.scoring import ATTRIBUTE_NAMES, DEFAULT_WEIGHTS, ScoringConfig
 
 
 class ParallelConfig(StrictModel):
@@ -286,28 +274,6 @@ class RouterConfig(StrictModel):
             raise ValueError(
                 f"max_queued_tokens {self.max_queued_tokens} is below max_tokens_per_batch {self.max_tokens_per_batch}"
             )
-        return self
-
-
-class ScoringConfig(StrictModel):
-    attribute_names: tuple[str, ...] = Field(
-        default=ATTRIBUTE_NAMES, min_length=1, description="Names of the head's outputs, in order."
-    )
-    weights: tuple[float, ...] = Field(
-        default=DEFAULT_WEIGHTS, description="Scalar reward = dot(weights, attributes)."
-    )
-
-    @model_validator(mode="after")
-    def _check_lengths(self) -> ScoringConfig:
-        # With only one of the two given, the other comes from the checkpoint (ServiceConfig.with_output_names,
-        # which validates the completed pair again).
-        given = {"attribute_names", "weights"} & self.model_fields_set
-        if len(given) != 1 and len(self.weights) != len(self.attribute_names):
-            raise ValueError(
-                f"weights has {len(self.weights)} values; attribute_names has {len(self.attribute_names)}"
-            )
-        if len(set(self.attribute_names)) != len(self.attribute_names):
-            raise ValueError(f"attribute_names has duplicates: {list(self.attribute_names)}")
         return self
 
 

@@ -85,4 +85,5 @@ class RLHFRoutes:
     async def _score_prompts(self, prompts: Sequence[TokenizedPrompt], route: str) -> list[dict[str, Any]]:
         """Model attributes, then the scoring deployment's weights: `{"score", "attributes"}` per prompt."""
         self._metrics.truncated(route, sum(prompt.truncated for prompt in prompts))
-        return self._scored_rows(await self._score_tokens([prompt.token_ids for prompt in prompts]), False)
+        return self._scored_rows(await self._score_tokens([prompt.token_ids for prompt in prompts]), None,
+                                 rewards=False)

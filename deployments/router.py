@@ -74,7 +74,7 @@ from deployments.prompt_faults import PromptFaults
 from deployments.readiness import ModelReadiness
 from deployments.rlhf_routes import RLHFRoutes
 from deployments.score_routes import ScoreRoutes
-from deployments.scoring import scored_rows
+from deployments.scoring import PromptWeights, WeightsObject, scored_rows
 from deployments.schemas import ScoreRequest, ScoreResponse
 from deployments.vllm_api import ClassifyRequest, ClassifyResponse, PoolingRequest, PoolingResponse
 from sharding.checkpoints.formats import open_checkpoint
@@ -83,11 +83,13 @@ logger = logging.getLogger("ray.serve")
 
 
 class ModelScores(NamedTuple):
-    """One request's model output: float32 [N, A] attributes, float64 [N] weighted scores, and what the batches
-    it rode in cost (`deployments.batcher.RequestUsage`)."""
+    """One request's model output: float32 [N, A] attributes, float64 [N] weighted scores, per prompt its named
+    rewards (None without named weights), and what the batches it rode in cost
+    (`deployments.batcher.RequestUsage`)."""
 
     attributes: np.ndarray
     scores: np.ndarray
+    rewards: list[dict[str, float] | None]
     usage: RequestUsage | None = None
 
 
@@ -133,11 +135,11 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
 
     # --- the one scoring path: token lists -> token-budget batches -> model -> [N, A] attributes --------
 
-    async def _run_model_batch(self, token_lists: list[list[int]], weights: list[Sequence[float] | None]
+    async def _run_model_batch(self, token_lists: list[list[int]], weights: list[PromptWeights]
                                ) -> tuple[np.ndarray, str]:
         """One model call and one scoring call for a token-budget batch: float64 [B, A + 1], the attributes
         then each prompt's weighted score (with its request's weights; None: the service's), and the model
-        replica that computed it."""
+        replica that computed it; named rewards are set on each prompt's `PromptWeights`."""
         self._metrics.batch_started(token_lists)
         started_s = time.perf_counter()
         try:
@@ -156,7 +158,10 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
         expected = (len(token_lists), len(self._cfg.scoring.attribute_names))
         if attributes.shape != expected:
             raise RuntimeError(f"the model returned shape {attributes.shape}; expected {list(expected)}")
-        scores = np.asarray(await self._scoring.weigh.remote(attributes, weights), dtype=np.float64)
+        weighed = await self._scoring.weigh.remote(attributes, [w.weights for w in weights])
+        for prompt, rewards in zip(weights, weighed.rewards or ()):
+            prompt.rewards = rewards
+        scores = np.asarray(weighed.scores, dtype=np.float64)
         return np.column_stack([attributes.astype(np.float64), scores]), replica
 
     def _follow_model_replicas(self) -> None:
@@ -166,7 +171,7 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
                 follow_model_replicas(self._cfg, self._batcher))
 
     async def _score_tokens(self, token_lists: Sequence[list[int]], param: str | None = None,
-                            weights: Sequence[float] | None = None) -> ModelScores:
+                            weights: WeightsObject = None) -> ModelScores:
         """Attributes and weighted scores of a request's prompts: they enter the replica's batch queue at once,
         together (after the per-request token limit), with what is left of the request's deadline; `weights`
         are the request's own (None: the service's)."""
@@ -175,7 +180,8 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
         scope = current_scope.get() or RequestScope(arrived_s=time.perf_counter())
         job = await self._in_pool(TokenBatcher.prepare, token_lists, scope.tenant)  # sorting: off the loop
         submitted_s = time.perf_counter()
-        rows, usage = await self._batcher.submit(job, [weights] * len(token_lists), timeout_s=scope.remaining_s())
+        extras = [PromptWeights(weights) for _ in token_lists]
+        rows, usage = await self._batcher.submit(job, extras, timeout_s=scope.remaining_s())
         if usage.queue_ms is not None:
             self._metrics.request_timed(usage.queue_ms / 1e3, submitted_s - scope.arrived_s + usage.queue_ms / 1e3)
         attributes = rows[:, :-1].astype(np.float32)  # exact: the model's float32 values
@@ -186,11 +192,13 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
                 raise ServiceError(f"the model failed on prompt {int(bad[0])} of the request: {fault}")
             raise ServiceError(f"the model returned non-finite attributes (nan or inf) for prompt {int(bad[0])} of "
                                f"the request ({bad.size} in all); no score is given")
-        return ModelScores(attributes, rows[:, -1], usage)
+        return ModelScores(attributes, rows[:, -1], [extra.rewards for extra in extras], usage)
 
-    def _scored_rows(self, scores: ModelScores, custom_weights: bool) -> list[dict[str, Any]]:
-        """`{"score", "attributes"}` per prompt (`deployments.scoring.scored_rows`: an overflowing score is an error)."""
-        return scored_rows(self._cfg.scoring.attribute_names, scores.attributes, scores.scores, custom_weights)
+    def _scored_rows(self, scores: ModelScores, weights: WeightsObject, rewards: bool = True) -> list[dict[str, Any]]:
+        """`{"score", "attributes"}` (and `"rewards"`) per prompt (`deployments.scoring.scored_rows`: an overflowing
+        value is an error); `weights`: the request's own."""
+        return scored_rows(self._cfg.scoring.attribute_names, scores.attributes, scores.scores, weights,
+                           scores.rewards if rewards else None)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """CPU work of a request (tokenizing, fitting, decoding KServe bodies) on the bounded tokenizer pool."""

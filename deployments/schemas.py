@@ -12,20 +12,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    TypeAdapter,
+    ValidationError,
     BeforeValidator,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from configs.scoring import MAX_REWARD_NAME_CHARS, MAX_REWARD_NAMES, REWARD_NAME_PATTERN, reward_name_problem
 from deployments.errors import InvalidRequestError
 
 FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
@@ -93,6 +94,59 @@ _CONTENT_SCHEMA = {
 MessageContent = Annotated[StrictStr, BeforeValidator(join_text_parts), WithJsonSchema(_CONTENT_SCHEMA)]
 
 
+_VECTOR = TypeAdapter(list[FiniteFloat])
+
+
+def _weight_vector(value: Any, sub_loc: tuple[Any, ...]) -> list[float]:
+    try:
+        return _VECTOR.validate_python(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PydanticCustomError("invalid_weights", "{detail}",
+                                  {"detail": first["msg"], SUB_LOC_KEY: (*sub_loc, *first["loc"])}) from None
+
+
+def parse_weights(value: Any) -> list[float] | dict[str, list[float]] | None:
+    """`weights`: one vector (the scalar's weights), or an object of named vectors (each a named reward; the
+    scalar keeps the service's weights). Errors name the place: `weights[3]`, `weights.helpful[0]`. The
+    vectors' length is the model's and is checked by the router, which knows it."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        problem = reward_name_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("invalid_reward_names", "{problem}", {"problem": problem})
+        return {name: _weight_vector(vector, (name,)) for name, vector in value.items()}
+    return _weight_vector(value, ())
+
+
+_NUMBERS = {"type": "array", "items": {"type": "number"}}
+_WEIGHTS_SCHEMA = {
+    "anyOf": [
+        {**_NUMBERS, "description": "Weights of the scalar `score`, one per attribute."},
+        {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": MAX_REWARD_NAMES,
+            "propertyNames": {"maxLength": MAX_REWARD_NAME_CHARS, "pattern": REWARD_NAME_PATTERN},
+            "additionalProperties": {**_NUMBERS, "description": "One weight per attribute."},
+            "description": "Named weight vectors: each result gets `rewards` = {name: dot(vector, attributes)}; "
+            "`score` keeps the service's weights.",
+        },
+        {"type": "null"},
+    ],
+    "default": None,
+    "description": "Per-request reward weights, one per attribute (they replace the service's weights for "
+    "`score`), or an object of named weight vectors, e.g. `{\"helpful\": [...], \"concise\": [...]}` (each result "
+    f"then has `rewards` with one value per name; at most {MAX_REWARD_NAMES} names of at most "
+    f"{MAX_REWARD_NAME_CHARS} letters, digits, `_`, `.` or `-`). Null uses the service's weights (and its "
+    "configured named weights, if any).",
+    "examples": [[0, 0, 0, 0, 0.3, 0.74, 0.46, 0.47, -0.33],
+                 {"helpful": [0, 0, 0, 0, 1, 0, 0, 0, 0], "concise": [0, 0, 0, 0, 0, 0, 0, 0, -1]}],
+}
+RewardWeights = Annotated[Any, BeforeValidator(parse_weights), WithJsonSchema(_WEIGHTS_SCHEMA)]
+
+
 class Message(StrictBody):
     role: Literal["system", "user", "assistant"] = Field(
         description="`system` only as the first message; the last message must be `assistant`."
@@ -148,10 +202,7 @@ class ScoreRequest(StrictBody):
         default=None, min_length=1,
         description="Best-of-N: candidate assistant replies to `prompt`; one result per response, in order.",
     )
-    weights: list[FiniteFloat] | None = Field(
-        default=None,
-        description="Per-request reward weights, one per attribute; null uses the service's weights.",
-    )
+    weights: RewardWeights = None
     truncate: Literal["none", "left"] = Field(
         default="none",
         description="`none` rejects over-long conversations; `left` drops the oldest turns, then tokens.",
@@ -199,10 +250,21 @@ class ScoreRequest(StrictBody):
         return [Conversation(messages=[*self.prompt, Message(role="assistant", content=r)]) for r in self.responses]
 
 
+REWARDS_DESCRIPTION = ("With named weights (the request's `weights` object, else the service's `scoring.named_weights`): "
+                       "{name: dot(vector, attributes)} per name; absent otherwise.")
+
+
+def _absent(value: Any) -> bool:
+    """Optional result fields (`rewards`, `turns`) are left out when None: a request without them keeps the
+    original response shape (a field-level rule, so the OpenAPI document still shows the fields)."""
+    return value is None
+
+
 class TurnResult(StrictBody):
     message_index: StrictInt = Field(description="Index in `messages` of the assistant turn scored.")
     score: float = Field(description="dot(weights, attributes).")
     attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
+    rewards: dict[str, float] | None = Field(default=None, exclude_if=_absent, description=REWARDS_DESCRIPTION)
     num_tokens: StrictInt = Field(description="Tokens the model scored for this prefix.")
     truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
 
@@ -211,20 +273,14 @@ class ScoreResult(StrictBody):
     index: StrictInt = Field(description="Position of the conversation in the request.")
     score: float = Field(description="dot(weights, attributes).")
     attributes: dict[str, float] = Field(description="Raw reward-head outputs by attribute name.")
+    rewards: dict[str, float] | None = Field(default=None, exclude_if=_absent, description=REWARDS_DESCRIPTION)
     num_tokens: StrictInt = Field(description="Tokens the model scored for this conversation.")
     truncated: bool = Field(description="Whether turns or tokens were dropped to fit the limit.")
     turns: list[TurnResult] | None = Field(
-        default=None,
+        default=None, exclude_if=_absent,
         description="With `turns: \"all\"`: one result per assistant turn, in turn order (the last one is the "
         "conversation's own result); absent otherwise.",
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_turns(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.turns is None:  # `turns: "last"` keeps the original response shape
-            data.pop("turns", None)
-        return data
 
 
 class Usage(StrictBody):

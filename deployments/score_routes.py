@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from deployments.admission import TIMEOUT_FIELD, RequestScope, current_scope, parse_timeout
-from deployments.errors import InvalidRequestError
 from deployments.limits import check_raw_score_request, check_score_request, parse_json
 from deployments.prompt import TokenizedPrompt
 from deployments.schemas import ScoreRequest, ScoreResponse, ScoreResult, TurnResult, Usage
+from deployments.scoring import check_request_weights
 
 
 class ScoreRoutes:
@@ -32,13 +32,7 @@ class ScoreRoutes:
             check_raw_score_request(raw, self._limits)
             request = ScoreRequest.model_validate(raw)
         check_score_request(request, self._limits)
-        num_attributes = len(self._cfg.scoring.attribute_names)
-        if request.weights is not None and len(request.weights) != num_attributes:
-            raise InvalidRequestError(
-                f"weights has {len(request.weights)} values; the model has {num_attributes} attributes "
-                f"({', '.join(self._cfg.scoring.attribute_names)})",
-                param="weights",
-            )
+        check_request_weights(request.weights, self._cfg.scoring.attribute_names)
         return request, timeout_s
 
     async def _validated_in_scope(self, body: ScoreRequest | dict[str, Any] | bytes) -> ScoreRequest:
@@ -72,7 +66,7 @@ class ScoreRoutes:
         prompts = [prompt for turns in per_conversation for _, prompt in turns]
         self._metrics.truncated("/v1/score", sum(prompt.truncated for prompt in prompts))
         model_scores = await self._score_tokens([prompt.token_ids for prompt in prompts], weights=request.weights)
-        scored = iter(self._scored_rows(model_scores, custom_weights=request.weights is not None))
+        scored = iter(self._scored_rows(model_scores, request.weights))
         results = []
         for index, turns in enumerate(per_conversation):
             turn_results = [

@@ -132,5 +132,7 @@ def test_router_autoscaling_target_above_its_max_ongoing_requests_is_refused(dem
 
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 300}
     with pytest.raises(ValueError, match=r"router.autoscaling.target_ongoing_requests 300 is above the 256 "
-                                         r"requests one router replica takes at once"):
-        build_app(with_scaling(demo, router={"autoscaling": scaling}))
+                                         r"requests one router replica admits at once \(router.max_ongoing_requests\)"):
+        build_app(with_scaling(demo, router={"autoscaling": scaling, "max_ongoing_requests": 256}))
+    # The router's own admission bound is the limit (default 512), not Serve's per-replica delivery bound.
+    build_app(with_scaling(demo, router={"autoscaling": scaling}))
