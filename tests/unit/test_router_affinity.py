@@ -76,3 +76,29 @@ def test_rendezvous_moves_only_the_keys_of_a_replica_that_left():
     moved = [key for key in keys if before[key] != after[key]]
     assert moved and all(before[key] == replicas[-1] for key in moved)
     assert all(rendezvous_order(key, list(reversed(replicas)))[0] == before[key] for key in keys)
+
+
+def test_a_handed_over_request_keeps_its_tenant_and_what_is_left_of_its_deadline():
+    import pickle
+    import time
+
+    from deployments.admission import RequestScope, current_scope
+    from deployments.affinity_routes import carried_scope, scope_from
+    from deployments.errors import DeadlineExceededError
+
+    assert carried_scope() is None and scope_from(None).timeout_s is None  # no scope: no deadline, no tenant
+    token = current_scope.set(RequestScope(tenant="key-a", arrived_s=time.perf_counter() - 2.0, timeout_s=10.0))
+    try:
+        carried = pickle.loads(pickle.dumps(carried_scope()))  # it crosses a Ray handle call
+        tenant, left_s = carried
+        assert tenant == "key-a" and 7.0 < left_s < 8.01  # 10 s less the 2 s it already waited
+        home = scope_from(carried)
+        assert home.tenant == "key-a" and home.timeout_s == left_s and 7.0 < home.remaining_s() <= left_s
+    finally:
+        current_scope.reset(token)
+    token = current_scope.set(RequestScope(tenant=None, arrived_s=time.perf_counter() - 5.0, timeout_s=1.0))
+    try:
+        with pytest.raises(DeadlineExceededError):  # already past: the 504 is raised before the hand-over
+            carried_scope()
+    finally:
+        current_scope.reset(token)
