@@ -163,6 +163,9 @@ def test_ctrl_c_in_a_terminal_stops_the_script_after_draining(demo_checkpoint, t
     url = f"http://127.0.0.1:{port}"
     pid, fd = pty.fork()
     if pid == 0:  # the child: a session leader with the pty as its controlling terminal, like a shell's job
+        # An interactive shell's job starts with SIGINT at its default even where pytest runs with it ignored
+        # (a background job of a non-interactive shell), and bash cannot trap a signal ignored at its start.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.chdir(REPO)
         os.execve("/bin/bash", ["bash", "scripts/serve_local.sh", str(VENV), str(config)], script_env)
     output = Output(fd)

@@ -234,3 +234,79 @@ def test_poison_prompt_fails_alone_and_workers_survive(ray_cluster, demo_checkpo
         if engine is not None:
             engine.shutdown()
         remove_placement_group(pg)
+
+
+def test_a_client_that_leaves_never_fails_a_batch_mate(ray_cluster, serve_http, demo_checkpoint):
+    """Issue 20's cancellation scenario through Serve's HTTP proxy: request A (two prompts, too large for one
+    batch) dispatches batch 1 (A's first prompt); batch 2 (A's second prompt and C's prompt) leaves when batch 1
+    returns. A's client disconnects while batch 2 is in the model: Serve cancels A and the handle calls made in
+    A's context. C must get its score, the one it gets alone, and the service keeps answering."""
+    from deployments.reward_model import RewardModelDeployment
+    from deployments.router import Router
+    from deployments.scoring import ScoringDeployment
+    from sharding.checkpoints.formats import open_checkpoint, output_names
+    from sharding.placement import placement_for
+
+    # One batch in flight, 256-token batches: A's prompts (~170 tokens each) go in two batches, and A's second
+    # fits beside C's (~40 tokens).
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, runtime={"cpus_per_worker": 0.5},
+        router={"max_input_tokens": 256, "max_tokens_per_batch": 256, "max_tokens_per_request": 512,
+                "max_batches_in_flight": 1}))
+    config = config.with_output_names(output_names(open_checkpoint(config.checkpoint_path)))
+    config_json = config.model_dump(mode="json")
+    plan = placement_for(config)
+    model = RewardModelDeployment.options(
+        placement_group_bundles=plan.bundles, placement_group_strategy=plan.strategy,
+        ray_actor_options={"num_cpus": config.runtime.replica_cpus},
+        max_ongoing_requests=config.model_max_ongoing_calls,  # as serve_app.build_app
+    ).bind(config_json, engine_factory=slow_engine)
+    deploy(Router.bind(model, ScoringDeployment.bind(config_json), config_json), name="leaving",
+           route_prefix="/leaving")
+    prefix = f"{serve_http}/leaving"
+    words = "bread butter olive salt water flour yeast honey".split()
+
+    def conversation(topic: str, length: int) -> dict:
+        question = " ".join(words[(i + len(topic)) % len(words)] for i in range(length))
+        return {"messages": [{"role": "user", "content": f"{topic}: {question}"},
+                             {"role": "assistant", "content": "Noted."}]}
+
+    a_body = {"conversations": [conversation("first", 70), conversation("second", 70)]}
+    c_body = {"conversations": [conversation("third", 5)]}
+    routers = serve.get_deployment_handle("Router", app_name="leaving")
+
+    async def batches_started() -> int:
+        return (await routers.routed_requests.remote())["batches"]
+
+    async def scenario() -> tuple[httpx.Response, int]:
+        async with httpx.AsyncClient(base_url=prefix, timeout=120) as a_client, \
+                httpx.AsyncClient(base_url=prefix, timeout=120) as c_client:
+            a = asyncio.ensure_future(a_client.post("/v1/score", json=a_body))
+            await poll(1, "batch 1 (A's first prompt) in the model")
+            c = asyncio.ensure_future(c_client.post("/v1/score", json=c_body))
+            await poll(2, "batch 2 (A's second prompt and C's) in the model")
+            a.cancel()  # A's client leaves: the connection closes while batch 2 computes
+            with pytest.raises(asyncio.CancelledError):
+                await a
+            return await c, await batches_started()
+
+    async def poll(batches: int, what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while await batches_started() != batches:
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+            await asyncio.sleep(0.05)
+
+    try:
+        c_answer, batches = asyncio.run(scenario())
+        assert c_answer.status_code == 200, c_answer.text
+        assert batches == 2  # C rode in batch 2 beside A's second prompt, as the scenario needs
+        with httpx.Client(base_url=prefix, timeout=120) as http:
+            alone = http.post("/v1/score", json=c_body)
+            assert alone.status_code == 200, alone.text
+            again = http.post("/v1/score", json=a_body)  # the service still answers A's prompts
+            assert again.status_code == 200, again.text
+        assert c_answer.json()["results"][0]["score"] == pytest.approx(alone.json()["results"][0]["score"], abs=1e-5)
+        assert c_answer.json()["results"][0]["num_tokens"] < 128 < min(
+            r["num_tokens"] for r in again.json()["results"])
+    finally:
+        serve.delete("leaving")

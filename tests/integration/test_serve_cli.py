@@ -233,6 +233,12 @@ def test_deploy_status_shutdown_twice_with_token_auth_and_live_weights(demo_chec
         cluster.stop()
 
 
+def _sigint_at_default() -> None:
+    """As in a terminal: SIGINT at its default in the child, even where pytest runs with it ignored (a background
+    job of a non-interactive shell, which Python and its children inherit); else Ctrl-C would never reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_serve_run_twice_in_a_fresh_home_with_token_auth(demo_checkpoint, tmp_path):
     """`serve run CONFIG` as README shows it, on a new local Ray instance, with the documented token-auth
     setting, two times in a row: each comes up and scores, and each stops on Ctrl-C (SIGINT)."""
@@ -249,7 +255,8 @@ def test_serve_run_twice_in_a_fresh_home_with_token_auth(demo_checkpoint, tmp_pa
     for _ in range(2):
         log = (tmp_path / f"serve_run_{len(scores)}.log").open("wb")
         process = subprocess.Popen(["serve", "run", "--address", "local", str(config)], cwd=REPO, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_sigint_at_default)
         try:
             deadline = time.monotonic() + DEPLOY_TIMEOUT_S
             while True:
