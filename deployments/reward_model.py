@@ -48,7 +48,8 @@ class RewardModelDeployment:
 
     def record_routing_stats(self) -> dict:
         """Polled by Serve for every router's request router (deployments.model_routing)."""
-        return {"engine_broken": bool(getattr(self.engine, "broken", None))}
+        engine = self.engine  # a partial restart (a dead worker being replaced) counts as broken until it is done
+        return {"engine_broken": bool(getattr(engine, "broken", None) or getattr(engine, "recovering", None))}
 
     def describe(self) -> list[dict]:
         """Worker placement (rank, stage, node, actor id), when the engine can tell."""

@@ -21,10 +21,15 @@ Failure costs (README, Health):
   batch is bisected and retried until the fault is pinned to its prompts (`PartialScores`: those rows fail,
   every other prompt is scored); batches that failed only through the fault are sent again as they were. A
   poison prompt costs a rejoin per bisection step (no weights read), never a reload.
-* A dead worker or a hung one (a peer's collective timed out, or the health check below) marks the engine
-  broken and kills every worker, so no rank waits on a dead peer (NCCL never notices one by itself); every
-  batch still in flight fails at once with EngineUnavailableError (503 at the router, or retried on another
-  model replica), check_health fails, and Serve replaces the replica with a fresh placement group.
+* A dead worker (its actor died: RayActorError from a forward or a ping) is restarted alone
+  (`sharding.restart`): the engine is marked recovering, every batch still in flight and every health check
+  fails at once with EngineUnavailableError ("recovering": 503 at the router, or retried on another model
+  replica), a new actor takes the dead rank's bundle and reads only its shard, and the survivors rejoin new
+  process groups with it, weights kept. Then the engine serves again; the Serve replica is not replaced.
+* A hung worker (a peer's collective timed out, or the health check below), or a partial restart that fails,
+  marks the engine broken and kills every worker, so no rank waits on a dead peer (NCCL never notices one by
+  itself); batches in flight fail with EngineUnavailableError, check_health fails, and Serve replaces the
+  replica with a fresh placement group.
 
 Health: `check_health` pings every worker in its control concurrency group (`sharding.worker`), which answers
 at once even while forwards are queued or running, with how long the rank's current forward has run. A rank
@@ -52,6 +57,7 @@ from sharding.checkpoints.formats import open_checkpoint
 from sharding.placement import placement_for, visible_devices_by_node
 from sharding.protocol import BatchFault, EngineUnavailableError, PartialScores
 from sharding.micro_batches import plan_micro_batches
+from sharding.restart import restart_dead_workers
 from sharding.worker import ModelWorker, worker_actor_class
 
 COLLATERAL_RETRIES = 3  # a batch that failed only through other batches' faults is sent again this often
@@ -74,22 +80,11 @@ class MegatronEngine:
         self._generation = 0  # process groups rebuilt this often (batch faults); batches record theirs
         self._rejoining: list = []
         self.rejoins = 0
-        actor_class = worker_actor_class(worker_class)
-        options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
-                   "runtime_env": {"env_vars": dict(config.runtime.worker_env)}}
-        self.workers = []
-        for slot in self.plan.workers:
-            strategy = None
-            if placement_group is not None:
-                strategy = PlacementGroupSchedulingStrategy(
-                    placement_group, placement_group_bundle_index=slot.bundle_index,
-                    placement_group_capture_child_tasks=True,
-                )
-            self.workers.append(
-                actor_class.options(scheduling_strategy=strategy, **options).remote(
-                    slot.rank, self.arch, config.parallel, config.runtime, config.checkpoint_path
-                )
-            )
+        self._recovering: str | None = None  # why a partial restart (sharding.restart) is running, or None
+        self.restarts = 0  # dead workers restarted alone
+        self._placement_group = placement_group
+        self._actor_class = worker_actor_class(worker_class)
+        self.workers = [self._start_worker(slot) for slot in self.plan.workers]
         self.node_info = ray.get([w.node_info.remote() for w in self.workers])
         if self.plan.gpus_per_worker > 0:
             visible = visible_devices_by_node({r: (info[1], info[2]) for r, info in enumerate(self.node_info)})
@@ -101,11 +96,64 @@ class MegatronEngine:
         # The last stage's TP rank 0 returns the rewards.
         self._output_rank = (config.parallel.pipeline_parallel_size - 1) * config.parallel.tensor_parallel_size
 
+    def _start_worker(self, slot):
+        """A worker actor for `slot` (its rank, in its placement-group bundle); `setup` is called separately."""
+        strategy = None
+        if self._placement_group is not None:
+            strategy = PlacementGroupSchedulingStrategy(
+                self._placement_group, placement_group_bundle_index=slot.bundle_index,
+                placement_group_capture_child_tasks=True,
+            )
+        options = {"num_cpus": self.plan.cpus_per_worker, "num_gpus": self.plan.gpus_per_worker,
+                   "runtime_env": {"env_vars": dict(self.config.runtime.worker_env)}}
+        return self._actor_class.options(scheduling_strategy=strategy, **options).remote(
+            slot.rank, self.arch, self.config.parallel, self.config.runtime, self.config.checkpoint_path)
+
+    def replace_worker(self, rank: int) -> None:
+        """Kills rank `rank`'s actor (if not dead already) and starts a new one in its bundle (sharding.restart)."""
+        with self._submit_lock:
+            if self._broken:
+                raise EngineUnavailableError(self._broken)
+            try:
+                ray.kill(self.workers[rank], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.workers[rank] = self._start_worker(self.plan.workers[rank])
+
+    def _unavailable(self) -> str | None:
+        """Why no batch can run now (broken, or a partial restart running), or None."""
+        if self._broken:
+            return self._broken
+        return f"recovering: {self._recovering}" if self._recovering else None
+
+    def _worker_died(self, reason: str) -> str:
+        """Starts the partial restart (once; a thread of its own, so it outlives the caller's event loop) and
+        returns why batches are unavailable meanwhile."""
+        with self._submit_lock:
+            if self._broken is None and self._recovering is None:
+                self._recovering = reason
+                self._generation += 1  # batches of the old groups never queue a rejoin of their own
+                threading.Thread(target=self._recover, name="partial-restart", daemon=True).start()
+            return self._unavailable()
+
+    def _recover(self) -> None:
+        runtime = self.config.runtime
+        timeout_s = runtime.distributed_timeout_s + runtime.collective_timeout_s + HANG_MARGIN_S
+        try:
+            restarted = restart_dead_workers(self, timeout_s)
+        except Exception as e:  # noqa: BLE001 - the partial restart failed: the replica is replaced
+            self._fail(f"{self._recovering}; the partial restart failed: {_describe_error(e)}")
+            return
+        with self._submit_lock:
+            if self._broken is None:
+                self._recovering = None
+                self.restarts += len(restarted)
+
     async def score(self, token_batch: Sequence[Sequence[int]]) -> np.ndarray | PartialScores:
         """float32 [B, A]; or PartialScores when a fault inside a forward was pinned (by bisection) to some
         prompts: those rows fail, every other prompt of the batch is scored."""
-        if self._broken:
-            raise EngineUnavailableError(self._broken)
+        if self._unavailable():
+            raise EngineUnavailableError(self._unavailable())
         rewards, failures = await self._score_or_bisect(list(token_batch))
         return PartialScores(rewards, failures) if failures else rewards
 
@@ -129,13 +177,13 @@ class MegatronEngine:
         raise EngineUnavailableError(f"a batch failed {COLLATERAL_RETRIES} times because of other batches' faults")
 
     async def _score_once(self, token_batch: list) -> np.ndarray:
-        if self._broken:
-            raise EngineUnavailableError(self._broken)
+        if self._unavailable():
+            raise EngineUnavailableError(self._unavailable())
         micro_batches, order = plan_micro_batches(token_batch, self.config.parallel)
         ref = ray.put(micro_batches)
         with self._submit_lock:
-            if self._broken:
-                raise EngineUnavailableError(self._broken)
+            if self._unavailable():
+                raise EngineUnavailableError(self._unavailable())
             refs = [w.forward.remote(ref) for w in self.workers]
             batch_id = next(self._batch_ids)
             generation = self._generation
@@ -174,11 +222,13 @@ class MegatronEngine:
     async def _after_fault(self, results: list, generation: int) -> None:
         """Classifies a failed batch's per-rank results and raises: _OwnFault (a rank's own exception),
         _CollateralFault (only peers' faults), after every rank has rejoined new process groups; or, for a dead
-        or hung worker, fails the engine (EngineUnavailableError)."""
+        worker, starts the partial restart, and for a hung one fails the engine (EngineUnavailableError)."""
         errors = [r for r in results if isinstance(r, BaseException)]
         faults = [_batch_fault(e) for e in errors]
         if any(f is None for f in faults):
             other = next(e for e, f in zip(errors, faults) if f is None)
+            if isinstance(other, ray.exceptions.RayActorError):
+                raise EngineUnavailableError(self._worker_died(f"a model worker died: {_describe_error(other)}"))
             self._fail(f"a model worker failed: {_describe_error(other)}")
             raise EngineUnavailableError(self._broken)
         await self._rejoin(generation)
@@ -194,8 +244,8 @@ class MegatronEngine:
         batches submitted afterwards run on the new groups."""
         port = await self.workers[0].free_port.remote()
         with self._submit_lock:
-            if self._broken:
-                raise EngineUnavailableError(self._broken)
+            if self._unavailable():
+                raise EngineUnavailableError(self._unavailable())
             if generation == self._generation:
                 self._generation += 1
                 master = self.node_info[0][0]
@@ -225,6 +275,11 @@ class MegatronEngine:
         """Why the engine cannot compute (a worker failed), or None."""
         return self._broken
 
+    @property
+    def recovering(self) -> str | None:
+        """Why a partial restart is running (a worker died), or None."""
+        return None if self._broken else self._recovering
+
     def describe(self) -> list[dict]:
         """Where each rank runs: rank, stage, TP rank, bundle, node, placement group and Ray actor id."""
         return [
@@ -237,9 +292,10 @@ class MegatronEngine:
     async def check_health(self) -> None:
         """Pings every worker (control group: answered at once, even with forwards running); fails when a
         worker is dead, misses `runtime.health_check_timeout_s`, or has run its current forward longer than
-        `runtime.collective_timeout_s` plus HANG_MARGIN_S (hung)."""
-        if self._broken:
-            raise EngineUnavailableError(self._broken)
+        `runtime.collective_timeout_s` plus HANG_MARGIN_S (hung). A dead worker starts the partial restart;
+        the check fails with "recovering" until it is done."""
+        if self._unavailable():
+            raise EngineUnavailableError(self._unavailable())
         refs = [w.ping.remote() for w in self.workers]
         try:
             answers = await asyncio.wait_for(asyncio.gather(*refs),
@@ -247,6 +303,8 @@ class MegatronEngine:
         except asyncio.TimeoutError:
             self._fail("a model worker missed its health-check deadline")
             raise EngineUnavailableError(self._broken) from None
+        except ray.exceptions.RayActorError as e:
+            raise EngineUnavailableError(self._worker_died(f"a model worker died: {type(e).__name__}")) from None
         except ray.exceptions.RayError as e:
             self._fail(f"a model worker failed its health check: {type(e).__name__}")
             raise EngineUnavailableError(self._broken) from None

@@ -72,8 +72,11 @@ class ModelWorker:
 
         return free_port()
 
-    def setup(self, master_addr: str, master_port: int, cuda_visible_devices: str | None, local_rank: int) -> int:
-        """Joins the process group, builds this stage and loads its slice. Collective: all ranks at once."""
+    def setup(self, master_addr: str, master_port: int, cuda_visible_devices: str | None, local_rank: int,
+              alone: bool = False) -> int:
+        """Joins the process group, builds this stage and loads its slice. Collective: all ranks at once.
+        `alone`: this rank replaces a dead one (`sharding.restart`); its peers only rejoin the groups, so it
+        reads its slice without collectives."""
         if cuda_visible_devices is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices  # before CUDA initialises
         os.environ["LOCAL_RANK"] = str(local_rank)
@@ -97,7 +100,7 @@ class ModelWorker:
 
             model = build_stage_model(self.arch, self.runtime, tp=tp, pp=pp, pp_rank=self.pp_rank,
                                       sequence_parallel=self.parallel.sequence_parallel)
-            load_checkpoint_into(open_checkpoint(self.checkpoint_path), model)
+            load_checkpoint_into(open_checkpoint(self.checkpoint_path), model, alone=alone)
             self.stage = ModelStage(model, self.arch, self.runtime, self.parallel)
             self.warm_up_s = warm_up(self.stage, self.parallel, first_stage=self.pp_rank == 0)
             if self.warm_up_s is not None:

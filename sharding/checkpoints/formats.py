@@ -44,6 +44,11 @@ def output_names(checkpoint: Checkpoint) -> tuple[str, ...]:
     return format_of(checkpoint).output_names(checkpoint)
 
 
-def load_checkpoint_into(checkpoint: Checkpoint, model) -> None:
-    """Fills this rank's stage model with its slice of the checkpoint (collective for NeMo checkpoints)."""
-    format_of(checkpoint).load(checkpoint, model)
+def load_checkpoint_into(checkpoint: Checkpoint, model, alone: bool = False) -> None:
+    """Fills this rank's stage model with its slice of the checkpoint (collective for NeMo checkpoints, unless
+    `alone`: a rank restarted by itself while its peers keep their weights, `sharding.restart`)."""
+    fmt = format_of(checkpoint)
+    if alone and fmt.name == "nemo":
+        fmt.load(checkpoint, model, alone=True)
+    else:
+        fmt.load(checkpoint, model)  # HF safetensors: each rank reads its slices without collectives

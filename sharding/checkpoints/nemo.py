@@ -344,11 +344,12 @@ def output_names(checkpoint: NemoCheckpoint) -> tuple[str, ...]:
     return ("reward",) if count == 1 else tuple(f"attribute_{i}" for i in range(count))
 
 
-def load(checkpoint: NemoCheckpoint, model) -> None:
-    """This rank's slice of the distributed checkpoint (collective over the model's process groups)."""
+def load(checkpoint: NemoCheckpoint, model, alone: bool = False) -> None:
+    """This rank's slice of the distributed checkpoint (collective over the model's process groups, unless
+    `alone`: a rank restarted by itself reads its slice with no collective)."""
     from sharding.checkpoints.nemo_weights import load_weights
 
-    load_weights(model, checkpoint.weights_dir)
+    load_weights(model, checkpoint.weights_dir, alone=alone)
 
 
 FORMAT = CheckpointFormat(

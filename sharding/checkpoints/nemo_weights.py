@@ -363,23 +363,54 @@ def _needed_infos(files: CheckpointFiles, fmt: WeightsFormat, sharded: dict) -> 
     return out
 
 
-def load_sharded(sharded: dict, strategy: LoadShardedStrategy, files: CheckpointFiles) -> dict:
+def load_sharded(sharded: dict, strategy: LoadShardedStrategy, files: CheckpointFiles, alone: bool = False) -> dict:
     """`dist_checkpointing.load` without its directory checks and without `common.pt`: factories,
-    sharding-integrity validation (collective), then the strategy. Works for packed checkpoints."""
+    sharding-integrity validation (collective), then the strategy. Works for packed checkpoints.
+    `alone`: this rank reads its slice with no collective at all (a rank restarted alone while its peers keep
+    their weights, `sharding.restart`): no sharding-integrity exchange, and torch's checkpoint reader plans
+    this rank's reads by itself."""
     sharded, nonpersistent, factories = load_preprocess(sharded)
     sharded, _ = extract_sharded_base(sharded)
-    local_md, global_md = determine_global_metadata(sharded)
-    sharded, _, _ = validate_integrity_and_strict_load(
-        sharded, StrictHandling.ASSUME_OK_UNEXPECTED, True, local_md, global_md, None
-    )
-    loaded = strategy.load(sharded, files.location)
+    if alone:
+        local_md = [ten.without_data() for ten in nested_values(sharded)]
+        sharded, _, _ = validate_integrity_and_strict_load(
+            sharded, StrictHandling.ASSUME_OK_UNEXPECTED, False, local_md, None, None)
+        with _reader_without_collectives():
+            loaded = strategy.load(sharded, files.location)
+    else:
+        local_md, global_md = determine_global_metadata(sharded)
+        sharded, _, _ = validate_integrity_and_strict_load(
+            sharded, StrictHandling.ASSUME_OK_UNEXPECTED, True, local_md, global_md, None
+        )
+        loaded = strategy.load(sharded, files.location)
     merge(loaded, nonpersistent)
     return apply_factory_merges(loaded, factories)
 
 
-def load_weights(model: torch.nn.Module, weights_dir: str | Path) -> LoadReport:
+@contextlib.contextmanager
+def _reader_without_collectives():
+    """megatron-core's torch_dist load calls `torch.distributed.checkpoint.load_state_dict` through its module
+    attribute `checkpoint`; for the call's duration it gets `no_dist=True` (this rank plans its own reads)."""
+    import functools
+    import types
+
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    original = getattr(mcore_torch, "checkpoint", None)
+    if original is None or not hasattr(original, "load_state_dict"):
+        raise RuntimeError("megatron.core.dist_checkpointing.strategies.torch.checkpoint.load_state_dict is gone")
+    mcore_torch.checkpoint = types.SimpleNamespace(
+        load_state_dict=functools.partial(original.load_state_dict, no_dist=True))
+    try:
+        yield
+    finally:
+        mcore_torch.checkpoint = original
+
+
+def load_weights(model: torch.nn.Module, weights_dir: str | Path, alone: bool = False) -> LoadReport:
     """Fills `model` (this rank's stage and TP slice) from the distributed checkpoint at `weights_dir`,
-    which may be a folder inside a packed `.nemo` (`/x/model.nemo/model_weights`). Collective."""
+    which may be a folder inside a packed `.nemo` (`/x/model.nemo/model_weights`). Collective, unless `alone`
+    (`load_sharded`)."""
     files = open_files(weights_dir)
     fmt = read_weights_format(files)
     sharded = sharded_state_dict(model, prefix=fmt.key_prefix)
@@ -387,7 +418,11 @@ def load_weights(model: torch.nn.Module, weights_dir: str | Path) -> LoadReport:
         problem = _check_against_checkpoint(sharded, _needed_infos(files, fmt, sharded), fmt, files.location)
     except (CheckpointFormatError, ValueError, OSError) as e:
         problem = f"{type(e).__name__}: {e}"
-    _agree(problem)
+    if alone:
+        if problem:
+            raise CheckpointFormatError(problem)
+    else:
+        _agree(problem)
 
     stats = None
     if fmt.backend == "zarr":
@@ -397,7 +432,7 @@ def load_weights(model: torch.nn.Module, weights_dir: str | Path) -> LoadReport:
         strategy = TorchDistLoadShardedStrategy()
     else:
         strategy = ArchiveTorchDistLoadStrategy(files)
-    loaded = load_sharded(sharded, strategy, files)
+    loaded = load_sharded(sharded, strategy, files, alone=alone)
 
     prefix = fmt.key_prefix
     state = {k[len(prefix):]: v for k, v in loaded.items()}

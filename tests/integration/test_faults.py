@@ -310,3 +310,65 @@ def test_a_client_that_leaves_never_fails_a_batch_mate(ray_cluster, serve_http, 
             r["num_tokens"] for r in again.json()["results"])
     finally:
         serve.delete("leaving")
+
+
+def test_dead_worker_is_restarted_alone(ray_cluster, demo_checkpoint, reference_scorer, tokenizer):
+    """TP 2 x PP 2: rank 0 (which hosts the process groups' rendezvous) is killed with SIGKILL. Batches fail with
+    the unavailable error ("recovering") while only that rank is restarted in its bundle and reads its shard;
+    the survivors keep their actors (and weights) and rejoin new process groups with it. Afterwards the scores
+    equal the reference and the engine is neither broken nor recovering (no replica replacement needed)."""
+    import os
+    import signal
+
+    from ray._private.state import actors as gcs_actor_table
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sharding.engine import MegatronEngine
+    from sharding.placement import placement_for
+
+    prompts = ["Hello there.", "What is 2 + 2?", "List three prime numbers. " * 5, "ok"]
+    clean = [tokenizer.encode(f"<extra_id_1>User\n{p}\n<extra_id_1>Assistant\nSure.\n<extra_id_2>") for p in prompts]
+    reference = reference_scorer.score(clean)
+    config = ServiceConfig.model_validate(service_args(
+        demo_checkpoint, parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "batch_layout": "padded",
+                                   "max_tokens_per_micro_batch": 2 * max(len(t) for t in clean)},
+        runtime={"gpus_per_node": NODE_GPUS, "cpus_per_worker": 0.5}))
+    plan = placement_for(config)
+    pg = placement_group(plan.bundles, strategy=plan.strategy)
+    ray.get(pg.ready(), timeout=60)
+    engine = None
+    victim = 0
+    try:
+        engine = MegatronEngine(config, pg)
+        np.testing.assert_allclose(asyncio.run(engine.score(clean)), reference, atol=1e-5, rtol=0)
+        before = engine.describe()
+        os.kill(gcs_actor_table(before[victim]["actor_id"])["Pid"], signal.SIGKILL)
+
+        errors: list[str] = []
+        deadline = time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline, f"no recovery: {errors[-3:]}"
+            assert engine.broken is None, engine.broken
+            try:
+                after = asyncio.run(engine.score(clean))
+                break
+            except EngineUnavailableError as e:
+                errors.append(e.message)
+            if engine.recovering:
+                with pytest.raises(EngineUnavailableError, match="recovering"):
+                    asyncio.run(engine.check_health())
+            time.sleep(0.2)
+        assert errors and all("recovering" in m for m in errors), errors
+        np.testing.assert_allclose(after, reference, atol=1e-5, rtol=0)
+        now = engine.describe()
+        assert now[victim]["actor_id"] != before[victim]["actor_id"]
+        assert now[victim]["bundle_index"] == before[victim]["bundle_index"]
+        assert [w["actor_id"] for w in now if w["rank"] != victim] == [
+            w["actor_id"] for w in before if w["rank"] != victim]  # the survivors kept their actors and weights
+        assert engine.broken is None and engine.recovering is None and engine.restarts == 1
+        asyncio.run(engine.check_health())
+        np.testing.assert_allclose(asyncio.run(engine.score(clean[::-1])), reference[::-1], atol=1e-5, rtol=0)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        remove_placement_group(pg)
