@@ -226,8 +226,9 @@ class MegatronEngine:
         errors = [r for r in results if isinstance(r, BaseException)]
         faults = [_batch_fault(e) for e in errors]
         if any(f is None for f in faults):
-            other = next(e for e, f in zip(errors, faults) if f is None)
-            if isinstance(other, ray.exceptions.RayActorError):
+            dead = [e for e in errors if isinstance(e, ray.exceptions.RayActorError)]
+            other = dead[0] if dead else next(e for e, f in zip(errors, faults) if f is None)
+            if dead:  # a survivor's error (a timeout waiting on the dead rank) must not fail the engine
                 raise EngineUnavailableError(self._worker_died(f"a model worker died: {_describe_error(other)}"))
             self._fail(f"a model worker failed: {_describe_error(other)}")
             raise EngineUnavailableError(self._broken)
