@@ -46,10 +46,10 @@ PROMPTS = ["Hello there.", "What is 2 + 2?", "List three prime numbers. " * 5, "
 def modelled_340b() -> dict:
     import yaml
 
-    from configs.model import ModelArchConfig
+    from sharding.checkpoints.nemo import arch_from_nemo_config
     from demo.checkpoint import NEMOTRON4_340B_SHAPE, demo_model_config
 
-    arch = ModelArchConfig.from_nemo_dict(demo_model_config("tokenizer.model", NEMOTRON4_340B_SHAPE))
+    arch = arch_from_nemo_config(demo_model_config("tokenizer.model", NEMOTRON4_340B_SHAPE), vocab_size=256000)
     service = yaml.safe_load((REPO / "configs/simulated_340b.yaml").read_text())["applications"][0]["args"]
     tp, pp = service["parallel"]["tensor_parallel_size"], service["parallel"]["pipeline_parallel_size"]
     dtype_bytes = 2  # bfloat16
