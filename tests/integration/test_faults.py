@@ -5,7 +5,9 @@
   busy with slow forwards, and all 20 are 200 (pings run in the workers' control concurrency group; the model
   replica keeps slots for readiness checks beside the batches);
 * a rank stuck in steady state is detected within `runtime.collective_timeout_s` plus a margin, not the
-  loading timeout (`runtime.distributed_timeout_s`)."""
+  loading timeout (`runtime.distributed_timeout_s`);
+* a worker killed with SIGKILL is restarted alone (`sharding.restart`): only its actor id changes, the
+  survivors keep theirs, and the scores afterwards equal the reference."""
 
 from __future__ import annotations
 
