@@ -7,7 +7,9 @@ Model: Nemotron-4-340B's architecture at TP 2 x PP 2 per replica on simulated B2
 per GPU of 180), on a local `ray.cluster_utils.Cluster` of two nodes with logical GPUs; the service is the real
 one (`serve_app.build_app`), HTTP included. Workloads as bench/simulated_service.py (demo tokenizer).
 * replicas: tokens/s of HelpSteer2-like conversations at concurrency 32 x N with N = 1, 2, 4 model replicas
-  and one router; target: N replicas >= 0.9 x N x one replica;
+  and one router, N x `--conversations` requests (the conversations repeated: the same requests per client at
+  every N, so the ramp-up and the tail weigh the same), the router's queue large enough for every client's
+  request (`router.max_queued_tokens` 1M tokens); target: N replicas >= 0.9 x N x one replica;
 * affinity: a GRPO-like workload (`--grpo-prompts` x 16 responses) sent one request per response at concurrency
   64 to 2 model replicas through 1 and then 2 routers; computed tokens (what the engines computed, summed over
   the routers' batches with the engine's own layout function) through 2 routers over through 1: target <= 1.15;
@@ -56,7 +58,8 @@ def app_args(model_replicas: int, routers: int) -> dict[str, Any]:
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "max_tokens_per_micro_batch": 8192},
         "runtime": {"device": "simulated", "simulated_accelerator": "b200", "dtype": "bfloat16", "gpus_per_node": 8,
                     "cpus_per_worker": 0.25, "torch_threads_per_worker": 1, "replica_cpus": 0.25},
-        "router": {"max_tokens_per_batch": 16384, "num_replicas": routers},
+        # 128 clients x up to ~4k tokens: the queue holds them all (the default 256k would refuse some).
+        "router": {"max_tokens_per_batch": 16384, "num_replicas": routers, "max_queued_tokens": 1 << 20},
         "model": {"num_replicas": model_replicas},
     }
 
@@ -199,7 +202,7 @@ def main() -> None:
         for n in args.replicas:
             deploy(app_args(n, 1))
             asyncio.run(http_pass(bodies[:8], 8, url))  # warm the request path
-            r = asyncio.run(http_pass(bodies, 32 * n, url))
+            r = asyncio.run(http_pass(bodies * n, 32 * n, url))
             result["replicas"].append({"model_replicas": n, **r})
             print(f"replicas {n}: {r}", flush=True)
         one = result["replicas"][0]["tokens_per_s"]
