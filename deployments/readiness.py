@@ -1,5 +1,6 @@
-"""Readiness of the model behind the router: its deployment's `check_health` (every worker pinged in its control
-concurrency group, so it answers while batches are in flight) must answer within READINESS_TIMEOUT_S. With no
+"""Readiness of the model behind the router: its deployment's `ready` (every worker pinged in its control
+concurrency group, so it answers while batches are in flight) must answer within READINESS_TIMEOUT_S. (Serve's
+own liveness check, `check_health`, is the same except while a dead rank is restarted alone: alive, not ready.) With no
 running model replica (loading, being replaced) the call times out; a dead or hung worker fails the check.
 Answers are shared for READINESS_CACHE_S, and probes arriving while a check runs wait for that one check, so
 a burst of probes makes one call to the model (which keeps MODEL_CONTROL_CALLS slots per router for them:
@@ -31,7 +32,7 @@ class ModelReadiness:
 
     async def _check(self) -> str | None:
         try:
-            await asyncio.wait_for(self._model.check_health.remote(), timeout=READINESS_TIMEOUT_S)
+            await asyncio.wait_for(self._model.ready.remote(), timeout=READINESS_TIMEOUT_S)
             reason = None
         except asyncio.TimeoutError:
             reason = f"no model replica answered its health check within {READINESS_TIMEOUT_S:g} s (loading?)"

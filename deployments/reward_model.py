@@ -63,6 +63,16 @@ class RewardModelDeployment:
         return [s for s in stats if s["rank"] % tp == 0]
 
     async def check_health(self) -> None:
+        """Serve's liveness check: fails (and Serve replaces the replica) when the engine is broken. A partial
+        restart in progress (`sharding.restart`) is alive: it ends serving again or broken, and its shard read
+        may take longer than Serve's failed-check threshold. Readiness (`ready`) is 503 meanwhile."""
+        if getattr(self.engine, "recovering", None):
+            return
+        await self.ready()
+
+    async def ready(self) -> None:
+        """Readiness, what the routers' `/health` and `/v2/health/ready` ask: raises while the model is loading
+        (the call waits), broken or recovering."""
         try:
             await self.engine.check_health()
         except EngineUnavailableError as e:

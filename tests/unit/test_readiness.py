@@ -1,6 +1,7 @@
-"""`ModelReadiness`: ready when the model deployment's check_health answers in time; the check's error or a
-timeout (no running replica) is the reason; answers are shared for READINESS_CACHE_S. The handle here is a
-stand-in with the one method a Serve handle offers for this (`check_health.remote()`, awaitable)."""
+"""`ModelReadiness`: ready when the model deployment's `ready` answers in time; the check's error or a timeout
+(no running replica) is the reason; answers are shared for READINESS_CACHE_S. The handle here is a stand-in
+with the one method a Serve handle offers for this (`ready.remote()`, awaitable). The model deployment's
+liveness against its readiness while a dead rank restarts alone: tests/unit/test_model_health.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from deployments.readiness import ModelReadiness
 class Handle:
     def __init__(self, behaviour: str):
         self.behaviour, self.calls = behaviour, 0
-        self.check_health = self
+        self.ready = self
 
     def remote(self):
         self.calls += 1
