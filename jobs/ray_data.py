@@ -138,7 +138,4 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
     finally:
         writer.close()
         bar.close()
-    summary.rows = summary.already_done + summary.written + summary.filtered + summary.errors
-    summary.retries = retries
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finish(started, retries)

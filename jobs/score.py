@@ -38,6 +38,13 @@ class ScoreSummary:
     seconds: float = 0.0
     first_result_s: float | None = None  # from the start to the first row's outcome (reading, starting up)
 
+    def finish(self, started: float, retries: int) -> ScoreSummary:
+        """The totals once the last outcome is taken (`started`: the job's monotonic start)."""
+        self.rows = self.already_done + self.written + self.filtered + self.errors
+        self.retries = retries
+        self.seconds = time.monotonic() - started
+        return self
+
     def text(self) -> str:
         done = self.written + self.filtered + self.errors
         rate = done / self.seconds if self.seconds else 0.0
@@ -109,7 +116,4 @@ async def score_http(input_path: str, output: str, client: ScoringClient, spec: 
     finally:
         writer.close()
         bar.close()
-    summary.rows = summary.already_done + summary.written + summary.filtered + summary.errors
-    summary.retries = getattr(client, "retries", 0)
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finish(started, getattr(client, "retries", 0))
