@@ -5,14 +5,18 @@
     python -m jobs score --input s3://bucket/helpsteer2/ --output s3://bucket/scored/ --address auto \
         --prompt-column prompt --response-column response                              # on Ray Data
     python -m jobs annotate --input in.jsonl --output out.jsonl --url http://127.0.0.1:8000 [--round]
-    python -m jobs annotate --input in.jsonl --output out.jsonl --address auto      # handles, in the cluster
-    python -m jobs evaluate --input rewardbench.jsonl --output metrics.json --url http://127.0.0.1:8000
+    python -m jobs annotate --input s3://bucket/steerlm/ --output s3://bucket/labelled/ --address auto  # handles
+    python -m jobs evaluate --input rewardbench.parquet --output metrics.json --url http://127.0.0.1:8000
 
-`score` reads JSONL or Parquet (a file or a directory of shards, local or a pyarrow URI) and writes a
-directory of shards plus errors.jsonl (`jobs/score.py`, `jobs/rows.py`); with `--address` it runs on Ray
-Data (`jobs/ray_data.py`). For annotate and evaluate, with `--url` the jobs speak HTTP (`POST /v1/score`; the API key, if the service wants one, from the
-environment variable named by `--api-key-env`); with `--address` they join the Ray cluster and call the
-Serve app's handle. See `jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
+Every job reads JSONL or Parquet: a file or a directory of shards, a local path or a pyarrow filesystem URI
+(`jobs/tables.py`). `score` writes a directory of shards plus errors.jsonl (`jobs/score.py`,
+`jobs/rows.py`); with `--address` it runs on Ray Data (`jobs/ray_data.py`). `annotate` writes what its
+`--output` names: a local *.jsonl file (resumed by line), a *.parquet file (written whole at the end), or
+else a directory of shards as `score` writes them (resumed by `--id-column`) (`jobs/annotate_output.py`).
+`evaluate` writes its metrics as one JSON file. For annotate and evaluate, with `--url` the jobs speak HTTP
+(`POST /v1/score`; the API key, if the service wants one, from the environment variable named by
+`--api-key-env`); with `--address` they join the Ray cluster and call the Serve app's handle. See
+`jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
 """
 
 from __future__ import annotations
@@ -35,19 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    annotate_cmd = commands.add_parser("annotate", help="label SteerLM jsonl with the reward attributes")
+    annotate_cmd = commands.add_parser("annotate", help="label SteerLM rows (JSONL / Parquet) with the reward "
+                                       "attributes")
     annotate_cmd.add_argument("--round", action="store_true",
                               help="clamp labels to [0, 4] and round them (SteerLM training); default: raw floats")
     annotate_cmd.add_argument("--max-prompts-per-request", type=int, default=32,
                               help="labelled turns sent in one request (the service's per-request limit caps it)")
-    evaluate_cmd = commands.add_parser("evaluate", help="RewardBench-style accuracy on chosen/rejected jsonl")
+    _annotate_output_arguments(annotate_cmd)
+    evaluate_cmd = commands.add_parser("evaluate", help="RewardBench-style accuracy on chosen/rejected rows "
+                                       "(JSONL / Parquet)")
     evaluate_cmd.add_argument("--rows-per-request", type=int, default=16, help="rows (2 conversations each) a request")
+    evaluate_cmd.add_argument("--output", type=Path, required=True, help="the metrics: one local JSON file")
     score_cmd = commands.add_parser("score", help="per-row rewards of a JSONL / Parquet table (Ray Data with --address)")
     _score_arguments(score_cmd)
     for cmd in (annotate_cmd, evaluate_cmd, score_cmd):
-        if cmd is not score_cmd:
-            cmd.add_argument("--input", type=Path, required=True, help="input jsonl")
-            cmd.add_argument("--output", type=Path, required=True, help="output file")
+        cmd.add_argument("--input", required=True, help=INPUT_HELP)
         target = cmd.add_mutually_exclusive_group(required=True)
         target.add_argument("--url", help="the service's base URL, e.g. http://127.0.0.1:8000")
         target.add_argument("--address", help="Ray cluster address (e.g. auto): Serve handles (score: on Ray Data)")
@@ -66,9 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_HELP = ("JSONL or Parquet: a file or a directory of shards; a local path or a pyarrow filesystem URI "
+              "(s3://, gs://, ...)")
+
+
+def _annotate_output_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--output", required=True, help="a local *.jsonl file (appended; a rerun resumes after the "
+                     "lines written), a *.parquet file (written whole at the end; must not exist), or else a "
+                     "directory (local or URI) of part-NNNNN shards + errors.jsonl, as score writes")
+    cmd.add_argument("--output-format", choices=("parquet", "jsonl"),
+                     help="shard format of a directory output (default parquet)")
+    cmd.add_argument("--rows-per-shard", type=int, default=10_000, help="rows in one output shard (directory output)")
+    cmd.add_argument("--id-column", default="id", help="directory output: the rows' id; a rerun skips the ids "
+                     "already written")
+
+
 def _score_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--input", required=True, help="JSONL or Parquet: a file or a directory of shards; a local path "
-                     "or a pyarrow filesystem URI (s3://, gs://, ...)")
     cmd.add_argument("--output", required=True, help="output directory (local or URI): part-NNNNN shards + errors.jsonl")
     cmd.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet", help="shard format")
     cmd.add_argument("--rows-per-shard", type=int, default=10_000, help="rows in one output shard")
@@ -127,13 +146,14 @@ async def _run(args: argparse.Namespace) -> int:
             summary = await annotate(
                 args.input, args.output, client, round_labels=args.round, concurrency=args.concurrency,
                 truncate=args.truncate, max_prompts_per_request=args.max_prompts_per_request,
-                progress=not args.no_progress,
+                progress=not args.no_progress, output_format=args.output_format, id_column=args.id_column,
+                rows_per_shard=args.rows_per_shard, log=sys.stderr,
             )
             print(summary.text(), file=sys.stderr)
         else:
             report = await evaluate(args.input, client, concurrency=args.concurrency,
                                     rows_per_request=args.rows_per_request, truncate=args.truncate,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, log=sys.stderr)
             args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             print(format_report(report))
             rows = report["rows"]
