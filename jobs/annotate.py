@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -154,6 +154,45 @@ def label_string(attributes: dict[str, float], round_labels: bool) -> str:
     return attribute_string(attributes)
 
 
+async def label_rows(records: Iterable[Record], client: ScoringClient, *, round_labels: bool, truncate: str,
+                     max_prompts: int, concurrency: int) -> AsyncIterator[list[tuple[ParsedLine, str | None]]]:
+    """Groups of consecutive rows, labelled in place, in input order, `concurrency` requests in flight;
+    each row with its problem (None: labelled). Both the in-process and the Ray Data path run this."""
+    async def scored(conversations: list[dict[str, Any]]) -> list[dict[str, float]]:
+        attributes = []
+        for start in range(0, len(conversations), max_prompts):
+            body = {"conversations": conversations[start:start + max_prompts], "truncate": truncate}
+            attributes += [r["attributes"] for r in (await client.score(body))["results"]]
+        return attributes
+
+    async def label(group: list[ParsedLine]) -> list[tuple[ParsedLine, str | None]]:
+        """Labels a group of consecutive rows with one request; when the service refuses it, row by row,
+        so that only the refused row is skipped."""
+        lines = [p for p in group if isinstance(p.line, SteerLMLine)]
+        try:
+            attributes = iter(await scored([c for p in lines for c in p.line.conversations]))
+        except InvalidRequestError as exc:
+            if len(lines) > 1:
+                return [outcome for p in group for outcome in await label([p])]
+            attributes, refusal = iter(()), f"rejected by the service: {exc.message}"
+        else:
+            refusal = None
+        outcomes = []
+        for p in group:
+            if not isinstance(p.line, SteerLMLine):
+                outcomes.append((p, f"malformed: {p.line}"))
+            elif refusal is not None:
+                outcomes.append((p, refusal))
+            else:
+                for index in p.line.labelled:
+                    p.line.obj["conversations"][index]["label"] = label_string(next(attributes), round_labels)
+                outcomes.append((p, None))
+        return outcomes
+
+    async for outcomes in ordered_map(groups(records, max_prompts), label, concurrency):
+        yield outcomes
+
+
 async def annotate(
     input_path: str | Path,
     output_path: str | Path,
@@ -181,46 +220,16 @@ async def annotate(
     for message in messages:
         report(message)
 
-    async def scored(conversations: list[dict[str, Any]]) -> list[dict[str, float]]:
-        attributes = []
-        for start in range(0, len(conversations), max_prompts_per_request):
-            body = {"conversations": conversations[start:start + max_prompts_per_request], "truncate": truncate}
-            attributes += [r["attributes"] for r in (await client.score(body))["results"]]
-        return attributes
-
-    async def label(group: list[ParsedLine]) -> list[tuple[ParsedLine, str | None]]:
-        """Labels a group of consecutive rows with one request; when the service refuses it, row by row,
-        so that only the refused row is skipped. Each row comes back with its problem (None: labelled)."""
-        lines = [p for p in group if isinstance(p.line, SteerLMLine)]
-        try:
-            attributes = iter(await scored([c for p in lines for c in p.line.conversations]))
-        except InvalidRequestError as exc:
-            if len(lines) > 1:
-                return [outcome for p in group for outcome in await label([p])]
-            attributes, refusal = iter(()), f"rejected by the service: {exc.message}"
-        else:
-            refusal = None
-        outcomes = []
-        for p in group:
-            if not isinstance(p.line, SteerLMLine):
-                outcomes.append((p, f"malformed: {p.line}"))
-            elif refusal is not None:
-                outcomes.append((p, refusal))
-            else:
-                for index in p.line.labelled:
-                    p.line.obj["conversations"][index]["label"] = label_string(next(attributes), round_labels)
-                summary.turns_scored += len(p.line.labelled)
-                outcomes.append((p, None))
-        return outcomes
-
     complete = False
     try:
         with bar:
-            async for outcomes in ordered_map(groups(todo, max_prompts_per_request), label, concurrency):
+            async for outcomes in label_rows(todo, client, round_labels=round_labels, truncate=truncate,
+                                             max_prompts=max_prompts_per_request, concurrency=concurrency):
                 for parsed, problem in outcomes:
                     if problem is None:
                         output.write(parsed.line.obj)
                         summary.written += 1
+                        summary.turns_scored += len(parsed.line.labelled)
                     else:
                         kind = "malformed" if problem.startswith("malformed") else "rejected"
                         setattr(summary, kind, getattr(summary, kind) + 1)
