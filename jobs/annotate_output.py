@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,20 +49,40 @@ class AnnotateOutput(Protocol):
 def open_output(path: str, output_format: str | None, *, id_column: str, rows_per_shard: int) -> AnnotateOutput:
     """The output the path names: `*.jsonl` (or `*.json`, or an existing local file of any name, as before
     Parquet) a JSONL file, `*.parquet` a Parquet file, anything else a directory of shards."""
-    suffix = posixpath.splitext(path.rstrip("/"))[1]
-    if suffix not in FILE_FORMATS and "://" not in path and Path(path).is_file():
-        suffix = ".jsonl"
-    if suffix in FILE_FORMATS:
-        if output_format is not None and output_format != FILE_FORMATS[suffix]:
-            raise ValueError(f"--output {path} is a {FILE_FORMATS[suffix]} file; --output-format {output_format} "
-                             "is for a directory output (give a path without a .jsonl / .parquet suffix)")
-        if FILE_FORMATS[suffix] == "jsonl":
+    kind = output_kind(path)
+    if kind != "directory":
+        if output_format is not None and output_format != kind:
+            raise ValueError(f"--output {path} is a {kind} file; --output-format {output_format} is for a "
+                             "directory output (give a path without a .jsonl / .parquet suffix)")
+        if kind == "jsonl":
             if "://" in path:
                 raise ValueError(f"--output {path}: a .jsonl output file must be local (it is appended to and "
                                  "resumed); for a URI give a directory (shards), e.g. --output-format jsonl")
             return JsonlFileOutput(Path(path))
         return ParquetFileOutput(path, rows_per_shard)
     return ShardOutput(path, output_format or "parquet", id_column, rows_per_shard)
+
+
+def output_kind(path: str) -> str:
+    """`jsonl` or `parquet` (one file), or `directory` (shards), by `open_output`'s rule."""
+    suffix = posixpath.splitext(path.rstrip("/"))[1]
+    if suffix in FILE_FORMATS:
+        return FILE_FORMATS[suffix]
+    return "jsonl" if "://" not in path and Path(path).is_file() else "directory"
+
+
+def unfinished(records: Iterable[Record], done: set[Any], id_column: str,
+               skipped: Callable[[], None] = lambda: None) -> Iterator[Record]:
+    """The records whose id is not in `done` (`skipped` is called for each other one); a row without the id
+    column becomes a failed record."""
+    for record in records:
+        if isinstance(record.obj, dict):
+            if id_column not in record.obj:
+                record = Record(record.where, problem=f"no id column {id_column!r} (name one with --id-column)")
+            elif _is_done(record.obj[id_column], done):
+                skipped()
+                continue
+        yield record
 
 
 def line_key(obj: Any) -> str:
@@ -191,18 +211,11 @@ class ShardOutput:
         self.writer = ShardWriter(self.path, self.fmt, self.rows_per_shard)
         messages = [f"{len(done)} rows already in {self.path}; skipping their ids"] if done else []
 
-        def todo() -> Iterator[Record]:
-            for record in read_records(input_path):
-                if isinstance(record.obj, dict):
-                    if self.id_column not in record.obj:
-                        record = Record(record.where, problem=f"no id column {self.id_column!r} (name one with "
-                                                              "--id-column)")
-                    elif _is_done(record.obj[self.id_column], done):
-                        summary.already_done += 1
-                        continue
-                yield record
+        def skipped() -> None:
+            summary.already_done += 1
 
-        return todo(), None if total is None else total - len(done), messages
+        todo = unfinished(read_records(input_path), done, self.id_column, skipped)
+        return todo, None if total is None else total - len(done), messages
 
     def write(self, obj: dict[str, Any]) -> None:
         self.writer.write(obj)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.tables import BadRow, count_rows, input_files, read_rows
+from jobs.tables import BadRow, InputRow, count_rows, input_files, read_rows
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,7 +90,11 @@ def read_records(path: str) -> Iterator[Record]:
         return
     fs, files = input_files(path)
     for item in read_rows(fs, files):
-        yield Record(item.where, problem=item.reason) if isinstance(item, BadRow) else Record(item.where, item.row)
+        yield as_record(item)
+
+
+def as_record(item: InputRow | BadRow) -> Record:
+    return Record(item.where, problem=item.reason) if isinstance(item, BadRow) else Record(item.where, item.row)
 
 
 def count_records(path: str) -> int | None:
