@@ -5,7 +5,7 @@
     python -m jobs score --input s3://bucket/helpsteer2/ --output s3://bucket/scored/ --address auto \
         --prompt-column prompt --response-column response                              # on Ray Data
     python -m jobs annotate --input in.jsonl --output out.jsonl --url http://127.0.0.1:8000 [--round]
-    python -m jobs annotate --input s3://bucket/steerlm/ --output s3://bucket/labelled/ --address auto  # handles
+    python -m jobs annotate --input s3://bucket/steerlm/ --output s3://bucket/labelled/ --address auto  # Ray Data
     python -m jobs evaluate --input rewardbench.parquet --output metrics.json --url http://127.0.0.1:8000
 
 Every job reads JSONL or Parquet: a file or a directory of shards, a local path or a pyarrow filesystem URI
@@ -15,8 +15,9 @@ Every job reads JSONL or Parquet: a file or a directory of shards, a local path 
 else a directory of shards as `score` writes them (resumed by `--id-column`) (`jobs/annotate_output.py`).
 `evaluate` writes its metrics as one JSON file. For annotate and evaluate, with `--url` the jobs speak HTTP
 (`POST /v1/score`; the API key, if the service wants one, from the environment variable named by
-`--api-key-env`); with `--address` they join the Ray cluster and call the Serve app's handle. See
-`jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
+`--api-key-env`); with `--address` they join the Ray cluster and call the Serve app's handle from this
+process, except annotate into a directory, which runs on Ray Data as score does (`jobs/annotate_ray.py`).
+See `jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from deployments.errors import ServiceError
 from jobs.annotate import annotate
+from jobs.annotate_output import output_kind
 from jobs.client import DEFAULT_MAX_RETRY_S, FIRST_BACKOFF_S, make_client
 from jobs.evaluate import evaluate, format_report
 from jobs.rows import ColumnSpec
@@ -56,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--input", required=True, help=INPUT_HELP)
         target = cmd.add_mutually_exclusive_group(required=True)
         target.add_argument("--url", help="the service's base URL, e.g. http://127.0.0.1:8000")
-        target.add_argument("--address", help="Ray cluster address (e.g. auto): Serve handles (score: on Ray Data)")
+        target.add_argument("--address", help="Ray cluster address (e.g. auto): Serve handles (score, and annotate "
+                            "into a directory: on Ray Data)")
         cmd.add_argument("--app", default="reward", help="Serve application name (with --address)")
         cmd.add_argument("--api-key-env", default="REWARD_API_KEY",
                          help="environment variable holding the API key (with --url); unset: no key sent")
@@ -85,6 +88,7 @@ def _annotate_output_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--rows-per-shard", type=int, default=10_000, help="rows in one output shard (directory output)")
     cmd.add_argument("--id-column", default="id", help="directory output: the rows' id; a rerun skips the ids "
                      "already written")
+    _ray_data_arguments(cmd, only=" with a directory output")
 
 
 def _score_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -103,9 +107,14 @@ def _score_arguments(cmd: argparse.ArgumentParser) -> None:
                      "labels), scores and margins to 2 decimals")
     cmd.add_argument("--max-conversations-per-request", type=int, default=16,
                      help="conversations (rows) sent in one request (the service's per-request limit caps it)")
-    cmd.add_argument("--consumers", type=int, default=2, help="--address: Ray Data scorer actors")
-    cmd.add_argument("--batch-rows", type=int, default=128, help="--address: rows per Ray Data batch")
-    cmd.add_argument("--in-flight", type=int, default=16, help="--address: requests in flight per scorer actor")
+    _ray_data_arguments(cmd)
+
+
+def _ray_data_arguments(cmd: argparse.ArgumentParser, only: str = "") -> None:
+    cmd.add_argument("--consumers", type=int, default=2, help=f"--address{only}: Ray Data scorer actors")
+    cmd.add_argument("--batch-rows", type=int, default=128, help=f"--address{only}: rows per Ray Data batch")
+    cmd.add_argument("--in-flight", type=int, default=16,
+                     help=f"--address{only}: requests in flight per scorer actor")
 
 
 async def _score(args: argparse.Namespace) -> int:
@@ -138,6 +147,17 @@ async def _score(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "score":
         return await _score(args)
+    if args.command == "annotate" and args.address is not None and output_kind(args.output) == "directory":
+        from jobs.annotate_ray import annotate_ray
+
+        summary = annotate_ray(
+            args.input, args.output, address=args.address, app_name=args.app, output_format=args.output_format,
+            id_column=args.id_column, rows_per_shard=args.rows_per_shard, consumers=args.consumers,
+            batch_rows=args.batch_rows, in_flight=args.in_flight, max_retry_s=args.max_retry_s,
+            round_labels=args.round, truncate=args.truncate, max_prompts=args.max_prompts_per_request,
+            progress=not args.no_progress, log=sys.stderr)
+        print(summary.text(), file=sys.stderr)
+        return 0
     client = make_client(args.url, args.address, app_name=args.app, api_key=os.environ.get(args.api_key_env),
                          concurrency=args.concurrency, max_retry_s=args.max_retry_s)
     client.first_backoff_s = args.retry_backoff_s

@@ -20,9 +20,11 @@ The output's form follows its path (`jobs/annotate_output.py`):
   run that stops early writes nothing;
 * anything else: a directory of shards as `score` writes them (`part-NNNNN.parquet`, or `.jsonl` with
   `--output-format jsonl`; `--rows-per-shard`) with `errors.jsonl`, each failed row and why.
-Rows are written in input order. A malformed row (bad JSON, missing fields, a label on a user turn, an
-empty turn) and a row the service rejects (e.g. over the token limit) are reported on stderr with where
-they are (`file:line`, `shard:row N`), skipped and counted.
+With `--address`, a directory output is written on Ray Data (`jobs/annotate_ray.py`, running `label_rows`
+in its actors); a file output by this process through the Serve handle. Rows are written in input order.
+A malformed row (bad JSON, missing fields, a label on a user turn, an empty turn) and a row the service
+rejects (e.g. over the token limit) are reported on stderr with where they are (`file:line`,
+`shard:row N`), skipped and counted.
 
 Resuming: into a JSONL file, a restarted run first drops a partial last output line (a kill mid-write),
 then matches the output's lines, in order, against the input's (labels compared only as present or null);
