@@ -10,7 +10,8 @@ section "Offline scoring", has the measurement behind the choice). A row the ser
 malformed one, comes back as an error record and goes to errors.jsonl; the job goes on. Rows come back in
 input order (`preserve_order`), serialized by the same function as the HTTP path's, so both paths write the
 same shards. Ray Data's backpressure bounds what is in flight; the driver holds one batch at a time, so its
-memory does not grow with the row count.
+memory does not grow with the row count. `annotate --address` into a directory (`jobs/annotate_ray.py`) runs
+on the same read and actor pool (`actor_dataset`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class HandleScorer:
 
         from jobs.client import HandleScoringClient
 
-        self.client = BoundedClient(HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s), in_flight)
+        handle = HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s)
+        self.client = BoundedClient(handle, in_flight)
         self.done = ray.get(done_ref[0])
         self.spec, self.in_flight, self.max_conversations, self.jsonl = spec, in_flight, max_conversations, jsonl
 
