@@ -215,3 +215,24 @@ def test_annotate_and_evaluate_take_filesystem_uris(service, tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(rewardbench_rows(10)), tmp_path / "rb.parquet")
     assert job(service, "evaluate", "--input", f"{uri}/rb.parquet", "--output", str(tmp_path / "m.json")) == 0
     assert json.loads((tmp_path / "m.json").read_text())["rows"]["scored"] == 10
+
+
+def test_annotate_parquet_into_a_jsonl_file_resumes_by_line(service, tmp_path, capsys):
+    """A JSONL output file from a Parquet input resumes as from a JSONL input: its lines matched against the rows."""
+    rows = steerlm_rows(16)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--max-prompts-per-request", "3"]
+    assert job(service, "annotate", *args) == 0
+    expected = out.read_bytes()
+    check_labelled([json.loads(line) for line in expected.splitlines()], rows)
+    lines = expected.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:7]) + lines[7][:25])  # killed while writing the eighth line
+    service.bodies.clear()
+    assert job(service, "annotate", *args) == 0
+    assert out.read_bytes() == expected
+    log = capsys.readouterr().err
+    assert "dropped a partial last line" in log and "resuming after input line 8" in log  # rows 0-7, 5 malformed
+    scored = {int(c["messages"][0]["content"].split()[1].split(".")[0]) for b in service.bodies
+              for c in b["conversations"]}
+    assert scored == {i for i in range(8, 16) if i != 13}
