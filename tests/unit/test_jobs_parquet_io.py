@@ -236,3 +236,15 @@ def test_annotate_parquet_into_a_jsonl_file_resumes_by_line(service, tmp_path, c
     scored = {int(c["messages"][0]["content"].split()[1].split(".")[0]) for b in service.bodies
               for c in b["conversations"]}
     assert scored == {i for i in range(8, 16) if i != 13}
+
+
+def test_the_output_path_names_the_output_kind(tmp_path):
+    from jobs.annotate_output import output_kind
+
+    (tmp_path / "labelled.txt").write_text("")  # an existing file of any name: a JSONL file, as before Parquet
+    (tmp_path / "shards.parquet").mkdir()
+    assert [output_kind(str(tmp_path / name)) for name in ("a.jsonl", "a.json", "labelled.txt", "a.parquet")] == [
+        "jsonl", "jsonl", "jsonl", "parquet"]
+    assert [output_kind(p) for p in (str(tmp_path / "new.txt"), str(tmp_path / "out/"), "s3://b/out")] == [
+        "directory"] * 3
+    assert output_kind(str(tmp_path / "shards.parquet")) == "parquet"  # refused by ParquetFileOutput: it exists
