@@ -1,4 +1,4 @@
-"""Batch jobs against the scoring service.
+r"""Batch jobs against the scoring service.
 
     python -m jobs score --input data/ --output scored/ --url http://127.0.0.1:8000 \
         --prompt-column prompt --response-column chosen --response-column rejected --min-margin 0.5
