@@ -1,18 +1,23 @@
-"""Batch jobs against the scoring service.
+r"""Batch jobs against the scoring service.
 
     python -m jobs score --input data/ --output scored/ --url http://127.0.0.1:8000 \
         --prompt-column prompt --response-column chosen --response-column rejected --min-margin 0.5
     python -m jobs score --input s3://bucket/helpsteer2/ --output s3://bucket/scored/ --address auto \
         --prompt-column prompt --response-column response                              # on Ray Data
     python -m jobs annotate --input in.jsonl --output out.jsonl --url http://127.0.0.1:8000 [--round]
-    python -m jobs annotate --input in.jsonl --output out.jsonl --address auto      # handles, in the cluster
-    python -m jobs evaluate --input rewardbench.jsonl --output metrics.json --url http://127.0.0.1:8000
+    python -m jobs annotate --input s3://bucket/steerlm/ --output s3://bucket/labelled/ --address auto  # Ray Data
+    python -m jobs evaluate --input rewardbench.parquet --output metrics.json --url http://127.0.0.1:8000
 
-`score` reads JSONL or Parquet (a file or a directory of shards, local or a pyarrow URI) and writes a
-directory of shards plus errors.jsonl (`jobs/score.py`, `jobs/rows.py`); with `--address` it runs on Ray
-Data (`jobs/ray_data.py`). For annotate and evaluate, with `--url` the jobs speak HTTP (`POST /v1/score`; the API key, if the service wants one, from the
-environment variable named by `--api-key-env`); with `--address` they join the Ray cluster and call the
-Serve app's handle. See `jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
+Every job reads JSONL or Parquet: a file or a directory of shards, a local path or a pyarrow filesystem URI
+(`jobs/tables.py`). `score` writes a directory of shards plus errors.jsonl (`jobs/score.py`,
+`jobs/rows.py`); with `--address` it runs on Ray Data (`jobs/ray_data.py`). `annotate` writes what its
+`--output` names: a local *.jsonl file (resumed by line), a *.parquet file (written whole at the end), or
+else a directory of shards as `score` writes them (resumed by `--id-column`) (`jobs/annotate_output.py`).
+`evaluate` writes its metrics as one JSON file. For annotate and evaluate, with `--url` the jobs speak HTTP
+(`POST /v1/score`; the API key, if the service wants one, from the environment variable named by
+`--api-key-env`); with `--address` they join the Ray cluster and call the Serve app's handle from this
+process, except annotate into a directory, which runs on Ray Data as score does (`jobs/annotate_ray.py`).
+See `jobs/annotate.py` and `jobs/evaluate.py` for the formats and rules.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from deployments.errors import ServiceError
 from jobs.annotate import annotate
+from jobs.annotate_output import output_kind
 from jobs.client import DEFAULT_MAX_RETRY_S, FIRST_BACKOFF_S, make_client
 from jobs.evaluate import evaluate, format_report
 from jobs.rows import ColumnSpec
@@ -35,22 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    annotate_cmd = commands.add_parser("annotate", help="label SteerLM jsonl with the reward attributes")
+    annotate_cmd = commands.add_parser("annotate", help="label SteerLM rows (JSONL / Parquet) with the reward "
+                                       "attributes")
     annotate_cmd.add_argument("--round", action="store_true",
                               help="clamp labels to [0, 4] and round them (SteerLM training); default: raw floats")
     annotate_cmd.add_argument("--max-prompts-per-request", type=int, default=32,
                               help="labelled turns sent in one request (the service's per-request limit caps it)")
-    evaluate_cmd = commands.add_parser("evaluate", help="RewardBench-style accuracy on chosen/rejected jsonl")
+    _annotate_output_arguments(annotate_cmd)
+    evaluate_cmd = commands.add_parser("evaluate", help="RewardBench-style accuracy on chosen/rejected rows "
+                                       "(JSONL / Parquet)")
     evaluate_cmd.add_argument("--rows-per-request", type=int, default=16, help="rows (2 conversations each) a request")
+    evaluate_cmd.add_argument("--output", type=Path, required=True, help="the metrics: one local JSON file")
     score_cmd = commands.add_parser("score", help="per-row rewards of a JSONL / Parquet table (Ray Data with --address)")
     _score_arguments(score_cmd)
     for cmd in (annotate_cmd, evaluate_cmd, score_cmd):
-        if cmd is not score_cmd:
-            cmd.add_argument("--input", type=Path, required=True, help="input jsonl")
-            cmd.add_argument("--output", type=Path, required=True, help="output file")
+        cmd.add_argument("--input", required=True, help=INPUT_HELP)
         target = cmd.add_mutually_exclusive_group(required=True)
         target.add_argument("--url", help="the service's base URL, e.g. http://127.0.0.1:8000")
-        target.add_argument("--address", help="Ray cluster address (e.g. auto): Serve handles (score: on Ray Data)")
+        target.add_argument("--address", help="Ray cluster address (e.g. auto): Serve handles (score, and annotate "
+                            "into a directory: on Ray Data)")
         cmd.add_argument("--app", default="reward", help="Serve application name (with --address)")
         cmd.add_argument("--api-key-env", default="REWARD_API_KEY",
                          help="environment variable holding the API key (with --url); unset: no key sent")
@@ -66,9 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_HELP = ("JSONL or Parquet: a file or a directory of shards; a local path or a pyarrow filesystem URI "
+              "(s3://, gs://, ...)")
+
+
+def _annotate_output_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--output", required=True, help="a local *.jsonl file (appended; a rerun resumes after the "
+                     "lines written), a *.parquet file (written whole at the end; must not exist), or else a "
+                     "directory (local or URI) of part-NNNNN shards + errors.jsonl, as score writes")
+    cmd.add_argument("--output-format", choices=("parquet", "jsonl"),
+                     help="shard format of a directory output (default parquet)")
+    cmd.add_argument("--rows-per-shard", type=int, default=10_000, help="rows in one output shard (directory output)")
+    cmd.add_argument("--id-column", default="id", help="directory output: the rows' id; a rerun skips the ids "
+                     "already written")
+    _ray_data_arguments(cmd, only=" with a directory output")
+
+
 def _score_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--input", required=True, help="JSONL or Parquet: a file or a directory of shards; a local path "
-                     "or a pyarrow filesystem URI (s3://, gs://, ...)")
     cmd.add_argument("--output", required=True, help="output directory (local or URI): part-NNNNN shards + errors.jsonl")
     cmd.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet", help="shard format")
     cmd.add_argument("--rows-per-shard", type=int, default=10_000, help="rows in one output shard")
@@ -84,9 +107,14 @@ def _score_arguments(cmd: argparse.ArgumentParser) -> None:
                      "labels), scores and margins to 2 decimals")
     cmd.add_argument("--max-conversations-per-request", type=int, default=16,
                      help="conversations (rows) sent in one request (the service's per-request limit caps it)")
-    cmd.add_argument("--consumers", type=int, default=2, help="--address: Ray Data scorer actors")
-    cmd.add_argument("--batch-rows", type=int, default=128, help="--address: rows per Ray Data batch")
-    cmd.add_argument("--in-flight", type=int, default=16, help="--address: requests in flight per scorer actor")
+    _ray_data_arguments(cmd)
+
+
+def _ray_data_arguments(cmd: argparse.ArgumentParser, only: str = "") -> None:
+    cmd.add_argument("--consumers", type=int, default=2, help=f"--address{only}: Ray Data scorer actors")
+    cmd.add_argument("--batch-rows", type=int, default=128, help=f"--address{only}: rows per Ray Data batch")
+    cmd.add_argument("--in-flight", type=int, default=16,
+                     help=f"--address{only}: requests in flight per scorer actor")
 
 
 async def _score(args: argparse.Namespace) -> int:
@@ -119,6 +147,17 @@ async def _score(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "score":
         return await _score(args)
+    if args.command == "annotate" and args.address is not None and output_kind(args.output) == "directory":
+        from jobs.annotate_ray import annotate_ray
+
+        summary = annotate_ray(
+            args.input, args.output, address=args.address, app_name=args.app, output_format=args.output_format,
+            id_column=args.id_column, rows_per_shard=args.rows_per_shard, consumers=args.consumers,
+            batch_rows=args.batch_rows, in_flight=args.in_flight, max_retry_s=args.max_retry_s,
+            round_labels=args.round, truncate=args.truncate, max_prompts=args.max_prompts_per_request,
+            progress=not args.no_progress, log=sys.stderr)
+        print(summary.text(), file=sys.stderr)
+        return 0
     client = make_client(args.url, args.address, app_name=args.app, api_key=os.environ.get(args.api_key_env),
                          concurrency=args.concurrency, max_retry_s=args.max_retry_s)
     client.first_backoff_s = args.retry_backoff_s
@@ -127,13 +166,14 @@ async def _run(args: argparse.Namespace) -> int:
             summary = await annotate(
                 args.input, args.output, client, round_labels=args.round, concurrency=args.concurrency,
                 truncate=args.truncate, max_prompts_per_request=args.max_prompts_per_request,
-                progress=not args.no_progress,
+                progress=not args.no_progress, output_format=args.output_format, id_column=args.id_column,
+                rows_per_shard=args.rows_per_shard, log=sys.stderr,
             )
             print(summary.text(), file=sys.stderr)
         else:
             report = await evaluate(args.input, client, concurrency=args.concurrency,
                                     rows_per_request=args.rows_per_request, truncate=args.truncate,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, log=sys.stderr)
             args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             print(format_report(report))
             rows = report["rows"]

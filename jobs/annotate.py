@@ -1,7 +1,10 @@
 """SteerLM attribute annotation, as NeMo-Aligner's annotator (`attribute_annotate.py`) does it, at scale.
 
-Input and output: one JSON object a line,
-`{"conversations": [{"value", "from": "User"|"Assistant", "label": str|null}, ...], "mask": "User", ...}`.
+Rows: `{"conversations": [{"value", "from": "User"|"Assistant", "label": str|null}, ...], "mask": "User", ...}`,
+one JSON object a line, or Parquet rows with those columns (`conversations` a list of structs
+{value, from, label}). The input is a file or a directory of shards, a local path or any pyarrow filesystem
+URI (`jobs/pipeline.py` `read_records`, over `jobs/tables.py`); a local file not named *.parquet is read
+line by line.
 Turns whose `from` equals `mask` are the user's, all others the assistant's. Every assistant turn with a
 non-null label is scored on its own prefix (the conversation up to and including that turn, under the
 default system prompt, then `<extra_id_2>`; the reference annotator ignores any `system` key, and so does
@@ -9,21 +12,32 @@ this) and its label becomes `quality:Q,toxicity:T,...` over all the head's attri
 raw floats by default; `--round` clamps to [0, 4] and rounds with Python's `round` (half to even), the
 reference's rule for SteerLM training data. Every other key is kept.
 
-Output is written in input order, one line per input line that was labelled (or had nothing to label).
-A malformed line (bad JSON, missing fields, a label on a user turn, an empty turn) and a line the service
-rejects (e.g. over the token limit) are reported on stderr with their line number, skipped and counted.
+The output's form follows its path (`jobs/annotate_output.py`):
+* `*.jsonl` (or `*.json`, or an existing local file of any name): one local JSONL file, one line per input
+  row that was labelled (or had nothing to label);
+* `*.parquet`: one Parquet file, written whole (temporary name, then renamed) when every row is taken, the
+  rows held in memory until then (for large data give a directory); an existing file is refused, and a
+  run that stops early writes nothing;
+* anything else: a directory of shards as `score` writes them (`part-NNNNN.parquet`, or `.jsonl` with
+  `--output-format jsonl`; `--rows-per-shard`) with `errors.jsonl`, each failed row and why.
+With `--address`, a directory output is written on Ray Data (`jobs/annotate_ray.py`, running `label_rows`
+in its actors); a file output by this process through the Serve handle. Rows are written in input order.
+A malformed row (bad JSON, missing fields, a label on a user turn, an empty turn) and a row the service
+rejects (e.g. over the token limit) are reported on stderr with where they are (`file:line`,
+`shard:row N`), skipped and counted.
 
-Resuming: a restarted run first drops a partial last output line (a kill mid-write), then matches the
-output's lines, in order, against the input's (labels compared only as present or null); the input
-lines up to the last match are done, and the run goes on after it. Output that does not match the input
-stops the job rather than mixing two files.
+Resuming: into a JSONL file, a restarted run first drops a partial last output line (a kill mid-write),
+then matches the output's lines, in order, against the input's (labels compared only as present or null);
+the input lines up to the last match are done, and the run goes on after it. Output that does not match
+the input stops the job rather than mixing two files. Into a directory, as `score`: rows whose id
+(`--id-column`, default `id`) is in the shards already written are skipped; a row without one fails.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,8 +46,9 @@ from tqdm import tqdm
 
 from deployments.errors import InvalidRequestError
 from deployments.schemas import attribute_string
+from jobs.annotate_output import open_output
 from jobs.client import ScoringClient
-from jobs.pipeline import check_sendable, ordered_map, read_lines
+from jobs.pipeline import Record, check_sendable, ordered_map
 
 LABEL_RANGE = (0.0, 4.0)
 
@@ -69,20 +84,23 @@ class AnnotateSummary:
 
 @dataclass(frozen=True)
 class ParsedLine:
-    lineno: int
+    where: str
+    obj: Any  # the input row as read (None when it could not be read)
     line: SteerLMLine | MalformedLine
 
 
-def groups(numbered_lines: Iterable[tuple[int, str]], max_prompts: int) -> Iterator[list[ParsedLine]]:
-    """Consecutive lines parsed and grouped so that a group has at most `max_prompts` labelled turns (a line
+def groups(records: Iterable[Record], max_prompts: int) -> Iterator[list[ParsedLine]]:
+    """Consecutive rows parsed and grouped so that a group has at most `max_prompts` labelled turns (a row
     with more is a group of its own): one request per group amortizes the per-request cost."""
     group: list[ParsedLine] = []
     prompts = 0
-    for lineno, text in numbered_lines:
+    for record in records:
         try:
-            parsed = ParsedLine(lineno, parse_line(text))
+            if record.problem is not None:
+                raise MalformedLine(record.problem)
+            parsed = ParsedLine(record.where, record.obj, parse_object(record.obj))
         except MalformedLine as exc:
-            parsed = ParsedLine(lineno, exc)
+            parsed = ParsedLine(record.where, record.obj, exc)
         size = len(parsed.line.conversations) if isinstance(parsed.line, SteerLMLine) else 0
         if group and prompts + size > max_prompts:
             yield group
@@ -94,11 +112,16 @@ def groups(numbered_lines: Iterable[tuple[int, str]], max_prompts: int) -> Itera
 
 
 def parse_line(text: str) -> SteerLMLine:
-    """The SteerLM object of one line and the prefixes to score; raises MalformedLine."""
+    """The SteerLM object of one JSON line and the prefixes to score; raises MalformedLine."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MalformedLine(f"not valid JSON: {exc}") from None
+    return parse_object(obj)
+
+
+def parse_object(obj: Any) -> SteerLMLine:
+    """The SteerLM row (a JSON object or a Parquet row) and the prefixes to score; raises MalformedLine."""
     if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list) or not obj["conversations"]:
         raise MalformedLine("expected an object with a non-empty `conversations` list")
     mask = obj.get("mask", "User")
@@ -133,85 +156,20 @@ def label_string(attributes: dict[str, float], round_labels: bool) -> str:
     return attribute_string(attributes)
 
 
-def line_key(obj: Any) -> str:
-    """What identifies a line across input and output: everything but the label texts."""
-    if isinstance(obj, dict) and isinstance(obj.get("conversations"), list):
-        turns = [{**t, "label": t.get("label") is not None} if isinstance(t, dict) else t for t in obj["conversations"]]
-        obj = {**obj, "conversations": turns}
-    return json.dumps(obj, sort_keys=True)
-
-
-def read_done_keys(output: Path) -> tuple[list[str], bool]:
-    """Keys of the output's complete lines; drops a partial last line (returns True when it did)."""
-    if not output.exists():
-        return [], False
-    data = output.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        with output.open("r+b") as f:
-            f.truncate(cut)
-    return [line_key(json.loads(line)) for line in data[:cut].decode("utf-8").splitlines()], cut < len(data)
-
-
-def resume_point(input_path: Path, done_keys: list[str]) -> tuple[int, int]:
-    """(input line count, number of the input line after which to resume); raises ValueError when the
-    output's lines are not the input's in order."""
-    matched, resume_after, count = 0, 0, 0
-    for count, text in enumerate(read_lines(input_path), start=1):
-        if matched < len(done_keys):
-            try:
-                key = line_key(json.loads(text))
-            except json.JSONDecodeError:
-                continue
-            if key == done_keys[matched]:
-                matched += 1
-                resume_after = count
-    if matched < len(done_keys):
-        raise ValueError(
-            f"output line {matched + 1} does not come from the input in order; the output was written from "
-            "another input or edited: move it away to start over"
-        )
-    return count, resume_after
-
-
-async def annotate(
-    input_path: Path,
-    output_path: Path,
-    client: ScoringClient,
-    *,
-    round_labels: bool = False,
-    concurrency: int = 16,
-    truncate: str = "none",
-    max_prompts_per_request: int = 32,
-    progress: bool = True,
-    log: TextIO = sys.stderr,
-) -> AnnotateSummary:
-    summary = AnnotateSummary()
-    done_keys, dropped_partial = read_done_keys(output_path)
-    summary.lines, resume_after = resume_point(input_path, done_keys)
-    summary.already_done = len(done_keys)
-    summary.skipped_earlier = resume_after - len(done_keys)  # malformed or rejected lines before the resume point
-    bar = tqdm(total=summary.lines - resume_after, unit="line", file=log, disable=not progress, dynamic_ncols=True)
-
-    def report(message: str) -> None:
-        summary.problems.append(message)
-        bar.write(message, file=log)
-
-    if dropped_partial:
-        report(f"{output_path}: dropped a partial last line left by an interrupted run")
-    if resume_after:
-        report(f"resuming after input line {resume_after} ({len(done_keys)} lines already in {output_path})")
-
+async def label_rows(records: Iterable[Record], client: ScoringClient, *, round_labels: bool, truncate: str,
+                     max_prompts: int, concurrency: int) -> AsyncIterator[list[tuple[ParsedLine, str | None]]]:
+    """Groups of consecutive rows, labelled in place, in input order, `concurrency` requests in flight;
+    each row with its problem (None: labelled). Both the in-process and the Ray Data path run this."""
     async def scored(conversations: list[dict[str, Any]]) -> list[dict[str, float]]:
         attributes = []
-        for start in range(0, len(conversations), max_prompts_per_request):
-            body = {"conversations": conversations[start:start + max_prompts_per_request], "truncate": truncate}
+        for start in range(0, len(conversations), max_prompts):
+            body = {"conversations": conversations[start:start + max_prompts], "truncate": truncate}
             attributes += [r["attributes"] for r in (await client.score(body))["results"]]
         return attributes
 
-    async def label(group: list[ParsedLine]) -> list[tuple[int, str | None, str | None]]:
-        """Labels a group of consecutive lines with one request; when the service refuses it, line by line,
-        so that only the refused line is skipped."""
+    async def label(group: list[ParsedLine]) -> list[tuple[ParsedLine, str | None]]:
+        """Labels a group of consecutive rows with one request; when the service refuses it, row by row,
+        so that only the refused row is skipped."""
         lines = [p for p in group if isinstance(p.line, SteerLMLine)]
         try:
             attributes = iter(await scored([c for p in lines for c in p.line.conversations]))
@@ -224,32 +182,70 @@ async def annotate(
         outcomes = []
         for p in group:
             if not isinstance(p.line, SteerLMLine):
-                outcomes.append((p.lineno, None, f"malformed: {p.line}"))
+                outcomes.append((p, f"malformed: {p.line}"))
             elif refusal is not None:
-                outcomes.append((p.lineno, None, refusal))
+                outcomes.append((p, refusal))
             else:
                 for index in p.line.labelled:
                     p.line.obj["conversations"][index]["label"] = label_string(next(attributes), round_labels)
-                summary.turns_scored += len(p.line.labelled)
-                outcomes.append((p.lineno, json.dumps(p.line.obj) + "\n", None))
+                outcomes.append((p, None))
         return outcomes
 
-    todo = ((n, t) for n, t in enumerate(read_lines(input_path), start=1) if n > resume_after)
-    with output_path.open("a", encoding="utf-8") as out, bar:
-        async for outcomes in ordered_map(groups(todo, max_prompts_per_request), label, concurrency):
-            for lineno, text, problem in outcomes:
-                if text is not None:
-                    out.write(text)
-                    out.flush()
-                    summary.written += 1
-                else:
-                    kind = "malformed" if problem.startswith("malformed") else "rejected"
-                    setattr(summary, kind, getattr(summary, kind) + 1)
-                    report(f"{input_path}:{lineno}: {problem}; skipped")
-                bar.update(1)
-            retries = getattr(client, "retries", 0)
-            if retries != summary.retries:  # the bar shows the retries as they happen
-                summary.retries = retries
-                bar.set_postfix(retries=retries, refresh=False)
+    async for outcomes in ordered_map(groups(records, max_prompts), label, concurrency):
+        yield outcomes
+
+
+async def annotate(
+    input_path: str | Path,
+    output_path: str | Path,
+    client: ScoringClient,
+    *,
+    round_labels: bool = False,
+    concurrency: int = 16,
+    truncate: str = "none",
+    max_prompts_per_request: int = 32,
+    progress: bool = True,
+    log: TextIO = sys.stderr,
+    output_format: str | None = None,
+    id_column: str = "id",
+    rows_per_shard: int = 10_000,
+) -> AnnotateSummary:
+    summary = AnnotateSummary()
+    output = open_output(str(output_path), output_format, id_column=id_column, rows_per_shard=rows_per_shard)
+    todo, total, messages = output.start(str(input_path), summary)
+    bar = tqdm(total=total, unit="line", file=log, disable=not progress, dynamic_ncols=True)
+
+    def report(message: str) -> None:
+        summary.problems.append(message)
+        bar.write(message, file=log)
+
+    for message in messages:
+        report(message)
+
+    complete = False
+    try:
+        with bar:
+            async for outcomes in label_rows(todo, client, round_labels=round_labels, truncate=truncate,
+                                             max_prompts=max_prompts_per_request, concurrency=concurrency):
+                for parsed, problem in outcomes:
+                    if problem is None:
+                        output.write(parsed.line.obj)
+                        summary.written += 1
+                        summary.turns_scored += len(parsed.line.labelled)
+                    else:
+                        kind = "malformed" if problem.startswith("malformed") else "rejected"
+                        setattr(summary, kind, getattr(summary, kind) + 1)
+                        output.failed(parsed.where, parsed.obj, problem)
+                        report(f"{parsed.where}: {problem}; skipped")
+                    bar.update(1)
+                retries = getattr(client, "retries", 0)
+                if retries != summary.retries:  # the bar shows the retries as they happen
+                    summary.retries = retries
+                    bar.set_postfix(retries=retries, refresh=False)
+        complete = True
+    finally:
+        output.close(complete)
     summary.retries = getattr(client, "retries", 0)
+    summary.lines = (summary.already_done + summary.skipped_earlier + summary.written + summary.malformed
+                     + summary.rejected)
     return summary

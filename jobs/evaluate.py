@@ -1,4 +1,6 @@
-"""RewardBench-style evaluation: rows `{"prompt", "chosen", "rejected", "subset"}`, one JSON object a line.
+"""RewardBench-style evaluation: rows `{"prompt", "chosen", "rejected", "subset"}` (other columns ignored), one
+JSON object a line or Parquet rows, a file or a directory of shards, a local path or any pyarrow filesystem
+URI (`jobs/pipeline.py` `read_records`, over `jobs/tables.py`).
 
 Each row's chosen and rejected responses are scored as single-turn conversations (user: prompt,
 assistant: response) by the service's scalar reward (its configured weights); a row is correct when
@@ -13,12 +15,12 @@ Reported, as RewardBench does it (allenai/reward-bench, `SUBSET_MAPPING`, `calcu
   the full set and stays meaningful on a part of it;
 * overall: the mean of the sections present (the leaderboard's score averages the four sections).
 Subsets outside the mapping are reported but enter no section. Malformed rows and rows the service
-rejects (e.g. over the token limit; see `--truncate`) are reported with their line number and left out.
+rejects (e.g. over the token limit; see `--truncate`) are reported with where they are (`file:line`,
+`shard:row N`) and left out.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from deployments.errors import InvalidRequestError
 from jobs.client import ScoringClient
-from jobs.pipeline import check_sendable, ordered_map, read_lines
+from jobs.pipeline import Record, check_sendable, ordered_map, read_records
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
@@ -47,7 +49,7 @@ ROW_FIELDS = ("prompt", "chosen", "rejected", "subset")
 
 @dataclass(frozen=True)
 class Row:
-    lineno: int
+    where: str  # in.jsonl:12, part-0.parquet:row 3
     prompt: str
     chosen: str
     rejected: str
@@ -66,19 +68,18 @@ class RowResult:
     problem: str | None = None  # why the service refused the row
 
 
-def parse_row(text: str, lineno: int) -> Row:
-    """Raises ValueError saying what is wrong with the line."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
+def parse_row(record: Record) -> Row:
+    """Raises ValueError saying what is wrong with the row."""
+    if record.problem is not None:
+        raise ValueError(record.problem)
+    obj = record.obj
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object")
     for name in ROW_FIELDS:
         if not isinstance(obj.get(name), str) or not obj[name]:
             raise ValueError(f"`{name}` must be a non-empty string")
         check_sendable(obj[name], f"`{name}`", ValueError)
-    return Row(lineno, obj["prompt"], obj["chosen"], obj["rejected"], obj["subset"])
+    return Row(record.where, obj["prompt"], obj["chosen"], obj["rejected"], obj["subset"])
 
 
 def section_weights(counts: dict[str, int]) -> dict[str, float]:
@@ -124,7 +125,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 async def evaluate(
-    input_path: Path,
+    input_path: str | Path,
     client: ScoringClient,
     *,
     concurrency: int = 16,
@@ -135,11 +136,11 @@ async def evaluate(
 ) -> dict[str, Any]:
     """Scores every row and returns the report, with row counts and the problems met."""
     rows, problems = [], []
-    for lineno, text in enumerate(read_lines(input_path), start=1):
+    for record in read_records(str(input_path)):
         try:
-            rows.append(parse_row(text, lineno))
+            rows.append(parse_row(record))
         except ValueError as exc:
-            problems.append(f"{input_path}:{lineno}: malformed: {exc}; skipped")
+            problems.append(f"{record.where}: malformed: {exc}; skipped")
     malformed = len(problems)
     bar = tqdm(total=len(rows), unit="row", file=log, disable=not progress, dynamic_ncols=True)
     for message in problems:
@@ -162,7 +163,7 @@ async def evaluate(
             for result in results:
                 if result.problem is not None:
                     rejected += 1
-                    message = f"{input_path}:{result.row.lineno}: rejected by the service: {result.problem}; skipped"
+                    message = f"{result.row.where}: rejected by the service: {result.problem}; skipped"
                     problems.append(message)
                     bar.write(message, file=log)
                 else:

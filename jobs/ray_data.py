@@ -10,7 +10,8 @@ section "Offline scoring", has the measurement behind the choice). A row the ser
 malformed one, comes back as an error record and goes to errors.jsonl; the job goes on. Rows come back in
 input order (`preserve_order`), serialized by the same function as the HTTP path's, so both paths write the
 same shards. Ray Data's backpressure bounds what is in flight; the driver holds one batch at a time, so its
-memory does not grow with the row count.
+memory does not grow with the row count. `annotate --address` into a directory (`jobs/annotate_ray.py`) runs
+on the same read and actor pool (`actor_dataset`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SCORER_CPUS = 0.25  # an actor mostly waits on the handle
 BLOCKS_PER_ACTOR = 4
 
 
-class _Bounded:
+class BoundedClient:
     """The actor's client with at most `in_flight` requests out at once, over all the batches it is working on
     (Ray Data runs an async UDF on several batches of a block concurrently and keeps their order)."""
 
@@ -50,6 +51,41 @@ class _Bounded:
             return await self.client.score(body)
 
 
+def batch_rows_of(batch: pa.Table, jsonl: bool) -> list[InputRow | BadRow]:
+    """The rows of a batch as read (`path` names the file; JSONL: one `text` line a row)."""
+    paths = batch.column("path").to_pylist()
+    if jsonl:
+        texts = batch.column("text").to_pylist()
+        return [jsonl_row(posixpath.basename(p), None, t.encode("utf-8")) for p, t in zip(paths, texts)]
+    records = batch.drop_columns(["path"]).to_pylist()
+    return [InputRow(posixpath.basename(p), r) for p, r in zip(paths, records)]
+
+
+def actor_dataset(fs: Any, files: list[str], actor: type, *, consumers: int, batch_rows: int,
+                  constructor_kwargs: dict[str, Any]) -> Any:
+    """The streaming read of `files` mapped by a pool of `consumers` `actor`s, in input order; the actor
+    gets `jsonl` (how to read a batch: `batch_rows_of`) among its constructor arguments."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # shards in input order, as the HTTP path writes them
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    jsonl = file_format(files[0]) == "jsonl"
+    if jsonl:
+        ds = ray.data.read_text(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
+    else:
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
+    # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
+    return ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
+        actor, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
+        # Several blocks at once per actor (an async UDF: they share the actor's loop and its in-flight bound), so
+        # a batch's slowest request does not leave the actor idle.
+        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR),
+        num_cpus=SCORER_CPUS, fn_constructor_kwargs={**constructor_kwargs, "jsonl": jsonl},
+    )
+
+
 class HandleScorer:
     """A Ray Data actor: a batch of input rows in, one record per row out (`row` JSON, or `error`)."""
 
@@ -59,23 +95,15 @@ class HandleScorer:
 
         from jobs.client import HandleScoringClient
 
-        self.client = _Bounded(HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s), in_flight)
+        handle = HandleScoringClient("auto", app_name=app_name, max_retry_s=max_retry_s)
+        self.client = BoundedClient(handle, in_flight)
         self.done = ray.get(done_ref[0])
         self.spec, self.in_flight, self.max_conversations, self.jsonl = spec, in_flight, max_conversations, jsonl
 
-    def _rows(self, batch: pa.Table) -> list[InputRow | BadRow]:
-        paths = batch.column("path").to_pylist()
-        if self.jsonl:
-            texts = batch.column("text").to_pylist()
-            items = [jsonl_row(posixpath.basename(p), None, t.encode("utf-8")) for p, t in zip(paths, texts)]
-        else:
-            records = batch.drop_columns(["path"]).to_pylist()
-            items = [InputRow(posixpath.basename(p), r) for p, r in zip(paths, records)]
-        id_column = self.spec.id_column
-        return [i for i in items if not (isinstance(i, InputRow) and i.row.get(id_column) in self.done)]
-
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        items = self._rows(batch)
+        id_column = self.spec.id_column
+        items = [i for i in batch_rows_of(batch, self.jsonl)
+                 if not (isinstance(i, InputRow) and i.row.get(id_column) in self.done)]
         retries_before = self.client.retries
         outcomes = [o async for o in score_rows(items, self.client, self.spec, concurrency=self.in_flight,
                                                 max_conversations=self.max_conversations)]
@@ -96,7 +124,6 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
               rows_per_shard: int, consumers: int, batch_rows: int, in_flight: int, max_conversations: int,
               max_retry_s: float, progress: bool = True, log: TextIO = sys.stderr) -> ScoreSummary:
     import ray
-    import ray.data
 
     started = time.monotonic()
     if not ray.is_initialized():
@@ -104,25 +131,10 @@ def score_ray(input_path: str, output: str, spec: ColumnSpec, *, address: str, a
     fs, files = input_files(input_path)
     done = done_ids(output, spec.id_column)
     total = count_rows(fs, files)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # shards in input order, as the HTTP path writes them
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    jsonl = file_format(files[0]) == "jsonl"
-    if jsonl:
-        ds = ray.data.read_text(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
-    else:
-        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
-    # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
-    scored = ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
-        HandleScorer, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
-        # Several blocks at once per actor (an async UDF: they share the actor's loop and its in-flight bound), so
-        # a batch's slowest request does not leave the actor idle.
-        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR),
-        num_cpus=SCORER_CPUS,
-        fn_constructor_kwargs=dict(app_name=app_name, spec=spec, done_ref=[ray.put(done)], in_flight=in_flight,
-                                   max_conversations=max_conversations, max_retry_s=max_retry_s, jsonl=jsonl),
-    )
+    scored = actor_dataset(fs, files, HandleScorer, consumers=consumers, batch_rows=batch_rows,
+                           constructor_kwargs=dict(app_name=app_name, spec=spec, done_ref=[ray.put(done)],
+                                                   in_flight=in_flight, max_conversations=max_conversations,
+                                                   max_retry_s=max_retry_s))
     summary = ScoreSummary(already_done=len(done))
     writer = ShardWriter(output, output_format, rows_per_shard)
     bar = Progress(None if total is None else total - len(done), progress, log)

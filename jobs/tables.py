@@ -124,6 +124,13 @@ def json_line(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, default=str) + "\n"
 
 
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as an Arrow table with every key of every row as a column, in first-seen order, null where a row
+    lacks it (`Table.from_pylist` takes the columns of the first row only and drops the others' extra keys)."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return pa.table({name: [row.get(name) for row in rows] for name in names})
+
+
 def _shards(fs: pafs.FileSystem, root: str) -> list[str]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
@@ -185,7 +192,7 @@ class ShardWriter:
         tmp = posixpath.join(self.root, f".{name}.tmp")
         if self.fmt == "parquet":
             with self.fs.open_output_stream(tmp) as f:
-                pq.write_table(pa.Table.from_pylist(self.pending), f)
+                pq.write_table(rows_table(self.pending), f)
         else:
             with self.fs.open_output_stream(tmp) as f:
                 f.write("".join(json_line(r) for r in self.pending).encode("utf-8"))

@@ -1,5 +1,5 @@
 """The batch jobs against the TP1 app: `python -m jobs annotate` (HTTP and handles, raw and --round, killed
-midway and resumed) and `python -m jobs evaluate`."""
+midway and resumed, Parquet shards in and out) and `python -m jobs evaluate`."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from configs.service import ATTRIBUTE_NAMES
 from deployments.schemas import attribute_string
+from jobs.tables import ERRORS_FILE, read_output
 from tests.integration.conftest import REPO
 from tests.integration.test_service import LONG_TEXT, TOPICS
 
@@ -168,6 +171,41 @@ def test_annotate_killed_and_resumed_equals_an_uninterrupted_run(demo_app, steer
             if got_label is not None:
                 assert got_label.keys() == want_label.keys()
                 assert max(abs(got_label[k] - want_label[k]) for k in got_label) <= 1e-5
+
+
+def test_annotate_parquet_shards_get_the_labels_of_the_jsonl_file(demo_app, ray_cluster, steerlm_file, rounded_run,
+                                                                  tmp_path):
+    """The fixture's rows as two Parquet shards (`conversations` a list of structs), annotated into a directory
+    of Parquet shards over HTTP: the rows of the JSONL run (`--round`: exactly; that run used handles from one
+    process). The JSONL file into a directory on Ray Data (`--address`): the same shards, byte for byte."""
+    objs = []
+    for text in steerlm_file.read_text().splitlines():
+        try:
+            objs.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue  # "{not json" has no Parquet form; the other malformed lines do
+    shards = tmp_path / "in"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(objs[:90]), shards / "part-a.parquet")
+    pq.write_table(pa.Table.from_pylist(objs[90:]), shards / "part-b.parquet")
+    out = tmp_path / "out"
+    done = run_job("annotate", "--input", str(shards), "--output", str(out), "--url", demo_app, "--round",
+                   "--rows-per-shard", "64", "--concurrency", "16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{NUM_LINES - 1} input lines: {NUM_LINES - len(MALFORMED)} written" in done.stderr
+    assert len(list(out.glob("part-*.parquet"))) == 4
+    expected = [json.loads(line) for line in rounded_run.read_text().splitlines()]
+    assert read_output(str(out)) == expected
+    on_ray_data = tmp_path / "ray_data"
+    done = run_job("annotate", "--input", str(steerlm_file), "--output", str(on_ray_data), "--address",
+                   ray_cluster.address, "--round", "--rows-per-shard", "64", "--batch-rows", "32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{NUM_LINES - len(MALFORMED)} written" in done.stderr and f"{len(MALFORMED)} malformed" in done.stderr
+    errors = [json.loads(line) for line in (on_ray_data / ERRORS_FILE).read_text().splitlines()]
+    assert [e["where"] for e in errors] == ["in.jsonl"] * len(MALFORMED)  # Ray Data's read knows no line numbers
+    assert read_output(str(on_ray_data)) == expected
+    assert [p.read_bytes() for p in sorted(on_ray_data.glob("part-*"))] == [p.read_bytes()
+                                                                             for p in sorted(out.glob("part-*"))]
 
 
 def test_annotate_refuses_output_from_another_input(demo_app, steerlm_file, tmp_path):
