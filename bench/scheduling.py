@@ -17,7 +17,9 @@ Scenarios, in this order on one deployment (helpers shared with bench/simulated_
   0.5 s; the small requests' latency p99 (target <= 3 s);
 * deadlines: a backlog saturates the service, then 200 requests with `timeout_s: 2`; how many are answered
   (200) after 2.5 s (target 0) and how they ended (200, 503, 504);
-* flood: 1024 concurrent tiny requests; each one's time to its answer or its 503, p99 (target <= 1 s).
+* flood: 1024 concurrent tiny requests; each one's time to its answer or its 503, p99 (target <= 1 s);
+* flood_floor: the same client sending 1024 concurrent `GET /v1/models` (Serve's proxy and the ingress replica,
+  no admission, tokenizer, router queue or model): the floor this machine puts under the flood's p99.
 """
 
 from __future__ import annotations
@@ -123,7 +125,11 @@ async def mix(maker: TextMaker, rng: random.Random, base_url: str, smalls: int) 
             "small_requests": len(small), "small_ok": len(latencies),
             "small_tokens_each": [p.get("usage", {}).get("prompt_tokens") for _, _, p in small[:3]],
             "small_p50_s": percentile(latencies, 0.5), "small_p99_s": percentile(latencies, 0.99),
-            "small_max_s": round(max(latencies), 3) if latencies else None}
+            "small_max_s": round(max(latencies), 3) if latencies else None,
+            # Where each small request's time went, from its own `usage` (ms): queued at the router, then the
+            # wall time of the batches it rode in; the rest is HTTP, admission and tokenizing.
+            "small_usage_ms": [{k: p.get("usage", {}).get(k) for k in ("queue_ms", "compute_ms", "batch_tokens")}
+                               | {"total_ms": round(1000 * t)} for s, t, p in small if s == 200]}
 
 
 async def deadlines(maker: TextMaker, rng: random.Random, base_url: str, count: int) -> dict[str, Any]:
@@ -147,18 +153,36 @@ async def deadlines(maker: TextMaker, rng: random.Random, base_url: str, count: 
             "error_types": sorted({p.get("error", {}).get("type") for s, _, p in results if s != 200} - {None})}
 
 
-async def flood(base_url: str, count: int) -> dict[str, Any]:
-    import httpx
+async def flood(base_url: str, count: int, floor: bool = False) -> dict[str, Any]:
+    """`count` tiny scoring requests at once; with `floor`, `GET /v1/models` instead (no scoring path).
+
+    The client is aiohttp, not httpx: at 1,024 concurrent connections httpx's pool is itself the bottleneck.
+    Against a bare Starlette app under uvicorn on this 2-core machine (2026-12-03), 1,024 concurrent GETs took
+    p99 6.0 s with httpx (160 requests/s) and 0.24-0.43 s with aiohttp (1,900-3,100 requests/s)."""
+    import aiohttp
 
     body = {"conversations": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]}
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    async with httpx.AsyncClient(base_url=base_url, timeout=1200.0, limits=limits) as client:
-        results = await asyncio.gather(*(send(client, body) for _ in range(count)))
+
+    async def one(session: aiohttp.ClientSession) -> tuple[int, float, dict[str, Any]]:
+        start = time.perf_counter()
+        request = session.get(f"{base_url}/v1/models") if floor else session.post(f"{base_url}/v1/score", json=body)
+        async with request as response:
+            await response.read()
+            return response.status, time.perf_counter() - start, {}
+
+    timeout = aiohttp.ClientTimeout(total=1200.0)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=count), timeout=timeout) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(session) for _ in range(count)))
+        wall_s = time.perf_counter() - started
     statuses = [s for s, _, _ in results]
     times = [t for _, t, _ in results]
     return {"requests": count, "statuses": {str(s): statuses.count(s) for s in set(statuses)},
             "p50_s": percentile(times, 0.5), "p99_s": percentile(times, 0.99), "max_s": round(max(times), 3),
-            "p99_s_of_503": percentile([t for s, t, _ in results if s == 503], 0.99)}
+            "p99_s_of_503": percentile([t for s, t, _ in results if s == 503], 0.99),
+            "p50_s_of_200": percentile([t for s, t, _ in results if s == 200], 0.5),
+            "p99_s_of_200": percentile([t for s, t, _ in results if s == 200], 0.99),
+            "wall_s": round(wall_s, 3), "requests_per_s": round(count / wall_s, 1)}
 
 
 def main() -> None:
@@ -168,11 +192,17 @@ def main() -> None:
     parser.add_argument("--mix-smalls", type=int, default=20)
     parser.add_argument("--deadline-requests", type=int, default=200)
     parser.add_argument("--flood-requests", type=int, default=1024)
-    parser.add_argument("--scenarios", nargs="+", default=["best_of_256", "grpo", "mix", "deadlines", "flood"])
+    parser.add_argument("--scenarios", nargs="+",
+                        default=["best_of_256", "grpo", "mix", "deadlines", "flood", "flood_floor"])
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
                         help="parallel.max_tokens_per_micro_batch (default: the config's, 8192). The engine cuts a "
                         "batch's tries into rows of this many tokens, repeating a prefix at each cut; at "
                         "router.max_tokens_per_batch every batch is one row and computes exactly its tries.")
+    parser.add_argument("--batches-in-flight", type=int, default=None,
+                        help="router.max_batches_in_flight (default: the config's, 3 = pipeline depth + 1): fewer "
+                        "batches ahead of a small request in the pipeline, less overlap between batches")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="router.max_tokens_per_batch (default: the config's, 16384)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scheduling.json")
     args = parser.parse_args()
@@ -187,6 +217,10 @@ def main() -> None:
     rng = random.Random(args.seed)
     app_args = yaml.safe_load(CONFIGS["h100"].read_text())["applications"][0]["args"]
     app_args["checkpoint_path"] = str(ARCH_DIR)
+    if args.batches_in_flight is not None:
+        app_args["router"]["max_batches_in_flight"] = args.batches_in_flight
+    if args.batch_tokens is not None:
+        app_args["router"]["max_tokens_per_batch"] = args.batch_tokens
     if args.micro_batch_tokens is not None:
         app_args["parallel"]["max_tokens_per_micro_batch"] = args.micro_batch_tokens
     result: dict[str, Any] = {
@@ -239,6 +273,10 @@ def main() -> None:
         if "flood" in args.scenarios:
             scenarios["flood"] = asyncio.run(flood(base_url, args.flood_requests))
             print(f"[flood] {scenarios['flood']}", flush=True)
+            save()
+        if "flood_floor" in args.scenarios:
+            scenarios["flood_floor"] = asyncio.run(flood(base_url, args.flood_requests, floor=True))
+            print(f"[flood_floor] {scenarios['flood_floor']}", flush=True)
         result["met"] = {
             "best_of_256": scenarios.get("best_of_256", {}).get("computed_over_unique", 9) <= 1.1,
             "grpo_best_of_n": scenarios.get("grpo_best_of_n", {}).get("computed_over_unique", 9) <= 1.15,
