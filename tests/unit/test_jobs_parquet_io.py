@@ -6,8 +6,6 @@ tests/unit/test_jobs_annotate.py's."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,20 +15,14 @@ from deployments.schemas import attribute_string
 from jobs.__main__ import main
 from jobs.evaluate import accuracy_report
 from jobs.tables import ERRORS_FILE, ShardWriter, read_output
-from tests.unit.test_jobs_score import FakeService, reward
+from tests.unit.test_jobs_score import reward, serve_fake, stop_fake
 
 
 @pytest.fixture
 def service():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
-    server.requests, server.unavailable, server.outage_until, server.bodies = 0, 0, 0.0, []
-    server.failures_by_body = {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_fake()
     yield server
-    server.shutdown()
-    server.server_close()
+    stop_fake(server)
 
 
 def job(service, command: str, *args: str) -> int:

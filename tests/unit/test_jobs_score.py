@@ -60,17 +60,27 @@ class FakeService(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def service():
+def serve_fake() -> ThreadingHTTPServer:
+    """A FakeService on a free port, serving in a thread; `url` is its base URL. Stop it with `stop_fake`."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
     server.requests, server.unavailable, server.outage_until, server.bodies = 0, 0, 0.0, []
     server.failures_by_body = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
+    return server
+
+
+def stop_fake(server: ThreadingHTTPServer) -> None:
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def service():
+    server = serve_fake()
+    yield server
+    stop_fake(server)
 
 
 def pair_rows(n: int, start: int = 0) -> list[dict]:
