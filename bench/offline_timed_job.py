@@ -4,6 +4,9 @@ dataset, its actors and its writer), with timestamps written to an events file (
 
     python -m bench.offline_timed_job EVENTS.jsonl score --input ... --address ...   # the job's own arguments
 
+`--ray-data-v2-read` among them: the job reads Parquet as it did before jobs/ray_data.py turned Ray Data's V2
+Parquet read off (its footer-reading actor pool) and set the read's block count, to measure both in one run.
+
 What is recorded (nothing else changes):
 * the driver: its imports, `ray.init`, the dataset built (lazy: Ray Data plans and starts on the first
   `iter_batches` pull), every outcome taken (its time, in the driver's memory, written at the end), each
@@ -76,6 +79,8 @@ class TimedScorer(HandleScorer):
 
 def main(argv: list[str]) -> int:
     events = argv[0]
+    old_read = "--ray-data-v2-read" in argv  # the read as before the fix: Ray Data's V2 Parquet read (footer actors)
+    argv = [a for a in argv if a != "--ray-data-v2-read"]
     emit(events, "driver", "main_entered", t=T_MAIN)
     import jobs.__main__ as cli
     import jobs.ray_data as ray_data
@@ -109,6 +114,15 @@ def main(argv: list[str]) -> int:
             if rows:
                 emit(events, "driver", "shard_flushed", rows=rows)
 
+    if old_read:
+        original_read_parquet = ray.data.read_parquet
+
+        def read_parquet(*a: Any, **k: Any) -> Any:
+            ray.data.DataContext.get_current().use_datasource_v2 = True
+            k.pop("override_num_blocks", None)  # the read's own default, as before
+            return original_read_parquet(*a, **k)
+
+        ray.data.read_parquet = read_parquet
     original_actor_dataset, original_take_outcome = ray_data.actor_dataset, ray_data.take_outcome
     ray_data.actor_dataset, ray_data.take_outcome, ray_data.ShardWriter = actor_dataset, take_outcome, TimedShardWriter
     code = cli.main(argv[1:])
