@@ -71,11 +71,15 @@ def actor_dataset(fs: Any, files: list[str], actor: type, *, consumers: int, bat
     context.execution_options.preserve_order = True  # shards in input order, as the HTTP path writes them
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # Few processes before the first row (bench/README.md, "Offline scoring", has the timeline): Ray Data's V2
+    # Parquet read lists the files on a pool of 32 footer-reading actors per read, whatever the file count, and
+    # the default read parallelism splits a file into 2x-the-cluster's-CPUs blocks, each re-blocked by a task of
+    # its own; every one of those is a worker process to start. Here: the V1 read (footers read by the driver,
+    # or by tasks for many files) and one read task per file, re-blocked by one streaming task each.
+    context.use_datasource_v2 = False
     jsonl = file_format(files[0]) == "jsonl"
-    if jsonl:
-        ds = ray.data.read_text(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
-    else:
-        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS)
+    read = ray.data.read_text if jsonl else ray.data.read_parquet
+    ds = read(files, filesystem=fs, include_paths=True, num_cpus=SCORER_CPUS, override_num_blocks=len(files))
     # Streaming re-blocking: a large file is one block as read; smaller blocks spread it over the actor pool.
     return ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
         actor, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
