@@ -137,15 +137,31 @@ def bodies_of(table_rows: list[dict], per_request: int) -> list[dict]:
     return [{"conversations": convs[i:i + per_request]} for i in range(0, len(convs), per_request)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the throughput run (and the smaller memory run)")
-    parser.add_argument("--scale", type=int, default=4, help="the larger memory run has scale x rows")
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The rows' lengths, the service's replicas and its saturating HTTP pass: shared with bench/offline_timeline.py."""
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(60, 300))
     parser.add_argument("--response-tokens", type=int, nargs=2, default=(30, 200))
     parser.add_argument("--model-replicas", type=int, default=2)
     parser.add_argument("--rows-per-request", type=int, default=16)
     parser.add_argument("--service-concurrency", type=int, default=32)
+
+
+def write_shards(directory: Path, table_rows: list[dict], rows_per_shard: int = 1000) -> None:
+    """`table_rows` as a new directory of Parquet shards, the job's input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir()
+    for start in range(0, len(table_rows), rows_per_shard):
+        pq.write_table(pa.Table.from_pylist(table_rows[start:start + rows_per_shard]),
+                       directory / f"s{start // rows_per_shard:04d}.parquet")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000, help="rows of the throughput run (and the smaller memory run)")
+    parser.add_argument("--scale", type=int, default=4, help="the larger memory run has scale x rows")
+    add_workload_args(parser)
     parser.add_argument("--consumers", type=int, default=2)
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--batch-rows", type=int, default=128)
@@ -153,8 +169,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offline.json")
     args = parser.parse_args()
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray import serve
 
     from jobs.tables import read_output
@@ -174,9 +188,7 @@ def main() -> None:
     tokenize_ms_per_row = 1000 * (time.process_time() - t0) / len(small)
     tokens_per_row = sum(token_counts) / len(small)
     for name, table_rows in (("small", small), ("big", big)):
-        (work / name).mkdir()
-        for start in range(0, len(table_rows), 1000):  # a directory of Parquet shards
-            pq.write_table(pa.Table.from_pylist(table_rows[start:start + 1000]), work / name / f"s{start // 1000:04d}.parquet")
+        write_shards(work / name, table_rows)
 
     cluster = start_cluster(num_cpus=16, num_gpus=8)
     result: dict[str, Any] = {"simulated": True, "note": "SIMULATED accelerator (configs/simulated_340b_h200.yaml): no "

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.offline import HTTP_PORT, app_args, bodies_of, rows  # noqa: E402
+from bench.offline import HTTP_PORT, add_workload_args, app_args, bodies_of, rows, write_shards  # noqa: E402
 from bench.service_vs_engine import machine_info  # noqa: E402
 from bench.simulated_service import TextMaker, arch_tokenizer, finish, git_commit, http_pass, start_cluster  # noqa: E402
 
@@ -126,16 +126,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000], help="input sizes of the default job runs")
     parser.add_argument("--variant", action="append", default=[],
                         help='"NAME:JOB ARGS": one more job run on --rows rows with these `jobs score` arguments')
-    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(60, 300))
-    parser.add_argument("--response-tokens", type=int, nargs=2, default=(30, 200))
-    parser.add_argument("--model-replicas", type=int, default=2)
-    parser.add_argument("--rows-per-request", type=int, default=16)
-    parser.add_argument("--service-concurrency", type=int, default=32)
+    add_workload_args(parser)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offline_firstrow.json")
     args = parser.parse_args()
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray import serve
 
     from tests.integration.conftest import deploy
@@ -146,9 +140,7 @@ def main() -> None:
     biggest = max([args.rows, *args.sizes])
     all_rows = rows(maker, biggest, tuple(args.prompt_tokens), tuple(args.response_tokens), seed=1)
     for n in sorted({args.rows, *args.sizes}):
-        (work / f"in{n}").mkdir()
-        for start in range(0, n, 1000):  # a directory of 1,000-row Parquet shards, as bench/offline.py writes
-            pq.write_table(pa.Table.from_pylist(all_rows[start:min(n, start + 1000)]), work / f"in{n}" / f"s{start // 1000:04d}.parquet")
+        write_shards(work / f"in{n}", all_rows[:n])  # 1,000-row Parquet shards, as bench/offline.py writes
 
     cluster = start_cluster(num_cpus=16, num_gpus=8)
     result: dict[str, Any] = {"simulated": True, "note": "SIMULATED accelerator (configs/simulated_340b_h200.yaml): no "
