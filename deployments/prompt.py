@@ -187,6 +187,18 @@ class _EncodedConversation(SegmentedPrompt):
         self._tokenizer = tokenizer
         self._roles = [m.role for m in turns]
         self._contents = [m.content for m in turns]
+        # Piece offsets of turns already cut, by turn index: fitting several prefixes (per-turn scoring) or
+        # several responses to one prompt (best-of-N, which shares this dict) reads a long turn once.
+        self._offsets: dict[int, list[int]] = {}
+        self._cached_turns = len(turns)  # turns whose offsets may be kept in `_offsets`
+
+    def _piece_offsets(self, index: int, segment: str) -> list[int]:
+        offsets = self._offsets.get(index) if index < self._cached_turns else None
+        if offsets is None:
+            offsets = self._tokenizer.piece_offsets(segment)
+            if index < self._cached_turns:
+                self._offsets[index] = offsets
+        return offsets
 
     def role(self, index: int) -> str:
         return self._roles[index]
@@ -197,7 +209,7 @@ class _EncodedConversation(SegmentedPrompt):
         if budget < len(tokenizer.header_ids(role)) + 2:  # header, one token of text, the newline
             return None
         segment = f"{header}{content}\n"
-        offsets = tokenizer.piece_offsets(segment)
+        offsets = self._piece_offsets(index, segment)
         raw = segment.encode("utf-8")
         content_start, content_end = len(header.encode("utf-8")), len(raw) - 1
         keep = budget - len(tokenizer.header_ids(role))
@@ -253,6 +265,7 @@ class _BestOfN:
         self.roles = [m.role for m in turns]
         self.contents = [m.content for m in turns]
         self.tokenizer = tokenizer
+        self.offsets: dict[int, list[int]] = {}  # the prompt turns' piece offsets, shared by every response
 
     def response(self, content: str) -> _EncodedConversation:
         turn = self.tokenizer.encode_segment(f"{TURN_MARKER}{ROLE_LABELS['assistant']}\n{content}\n")
@@ -263,6 +276,9 @@ class _BestOfN:
         conversation._tokenizer = self.tokenizer
         conversation._roles = [*self.roles, "assistant"]
         conversation._contents = [*self.contents, content]
+        # A prompt turn cut for one response is cut from the same offsets for the next; the response's own
+        # turn (index len(self.roles)) differs per response and is never kept.
+        conversation._offsets, conversation._cached_turns = self.offsets, len(self.roles)
         return conversation
 
 

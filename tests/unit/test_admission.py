@@ -71,24 +71,32 @@ def test_timeouts_are_checked_and_scopes_count_down():
 
 
 def test_best_of_n_with_a_1mb_prompt_tokenizes_it_once(demo_tokenizer):
-    """40 responses to a 1 MB prompt, truncated to the limit: the tokenizer reads the prompt's text once; what
-    else it reads is bounded by the token limit per response (the cut of the oldest kept turn is re-encoded),
-    not by the prompt: about 1.5 MB in all here, where encoding each conversation whole read 40 MB."""
+    """40 responses to a 1 MB prompt, truncated to the limit: SentencePiece reads the prompt's text once for its
+    tokens and once for the piece offsets where the cut falls (every call into the processor is counted, not
+    only `encode`); what else it reads is bounded by the token limit per response (the cut of the oldest kept
+    turn is re-encoded), not by the prompt: about 2.5 MB in all here, where encoding each conversation whole
+    read 40 MB and reading the offsets per response 41 MB."""
     prompt_format = SteerLMPrompt(demo_tokenizer)
     calls: list[int] = []
-    encode = demo_tokenizer.encode
+    processor = demo_tokenizer._sp
 
-    def counting(text: str) -> list[int]:
-        calls.append(len(text))
-        return encode(text)
+    class Counting:
+        """The SentencePiece processor, with the size of every text it encodes recorded."""
 
-    demo_tokenizer.encode = counting
+        def encode(self, text: str, **kwargs):
+            calls.append(len(text))
+            return processor.encode(text, **kwargs)
+
+        def __getattr__(self, name: str):
+            return getattr(processor, name)
+
+    demo_tokenizer._sp = Counting()
     try:
         prompt = [Message(role="user", content=("the quick brown fox jumps over the lazy dog " * 24000)[:1_000_000])]
         responses = [f"answer number {i}, short and plain." for i in range(40)]
         prompts = prompt_format.tokenize_best_of_n(prompt, responses, max_tokens=4096, truncate="left")
     finally:
-        demo_tokenizer.encode = encode
+        demo_tokenizer._sp = processor
     assert len(prompts) == 40 and all(p.truncated and p.num_tokens <= 4096 for p in prompts)
-    assert sum(size >= 1_000_000 for size in calls) == 1, sorted(calls)[-3:]
-    assert sorted(calls)[-2] < 4 * 4096  # every other encode: a response's turn, or a cut within the limit
+    assert sum(size >= 1_000_000 for size in calls) == 2, sorted(calls)[-3:]  # the tokens, the offsets
+    assert sorted(calls)[-3] < 4 * 4096  # every other encode: a response's turn, or a cut within the limit
