@@ -1,6 +1,7 @@
 """The per-request limits of `configs.service.RouterConfig`, each checked before the work it bounds and
 answered with a 400 that names the limit and the value (the body size, `max_request_bytes`, is checked as
-the body is read: `deployments.http_body`).
+the body is read: `deployments.http_body`; a handle call's request, which has no body, is bounded by its
+characters of text against the same limit before it is validated: `check_handle_request_size`).
 
 * conversations per request and messages per conversation: on the parsed JSON, before it is validated into
   models (a JSON message is a few bytes; its validated model is hundreds);
@@ -15,7 +16,7 @@ import json
 from typing import Any
 
 from configs.service import RouterConfig
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, RequestTooLargeError
 
 
 def limit_error(what: str, value: int, unit: str, limit_name: str, limit: int, param: str | None) -> InvalidRequestError:
@@ -102,3 +103,26 @@ def check_tokens(num_tokens: int, limits: RouterConfig, param: str | None) -> No
     if num_tokens > limits.max_tokens_per_request:
         raise limit_error("the request", num_tokens, "tokens to score", "max_tokens_per_request",
                           limits.max_tokens_per_request, param)
+
+
+def check_handle_request_size(request: Any, limits: RouterConfig) -> None:
+    """A handle call's request (a dict or a validated model) bounded before any work on it: its strings (keys
+    and values) hold at most `max_request_bytes` characters in all. A character is at least one byte of the
+    HTTP body the same request would be, so nothing HTTP accepts is refused here. The count is linear in the
+    request's items (a string's length is read, not its text) and stops past the limit: no tokenization."""
+    limit, total, stack = limits.max_request_bytes, 0, [request]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "model_dump"):  # a validated request, or models inside a dict
+            stack.append(item.model_dump())
+        if total > limit:
+            raise RequestTooLargeError(
+                f"the request has more than {limit} characters of text; the limit (router.max_request_bytes) "
+                f"is {limit}", param="router.max_request_bytes")

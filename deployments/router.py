@@ -50,7 +50,7 @@ from deployments.errors import (
 from deployments.http_app import app, as_service_error, error_response_for, route_name
 from deployments.http_body import request_id as _request_id
 from deployments.kserve_routes import KServeRoutes
-from deployments.limits import check_messages, check_tokens, parse_json
+from deployments.limits import check_handle_request_size, check_messages, check_tokens, parse_json
 from deployments.metrics import RouterMetrics
 from deployments.router_affinity import affinity_key, messages_affinity_key
 from deployments.model_routing import (
@@ -242,6 +242,7 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
         """Handle entry point: same admission, validation and typed errors as `POST /v1/score`; returns its JSON.
         `timeout_s` is the request's deadline (as the body's `timeout_s`, which may shorten it)."""
         async def scoring() -> Any:
+            check_handle_request_size(request, self._limits)
             scope = self._admission.admit(None, parse_timeout(timeout_s, "timeout_s", self._limits.max_timeout_s))
             token = current_scope.set(scope)
             try:

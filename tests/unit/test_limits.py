@@ -19,7 +19,7 @@ from configs.service import ATTRIBUTE_NAMES, RouterConfig
 from deployments.errors import InvalidRequestError, RequestTooLargeError
 from deployments.http_body import BodyLimitMiddleware
 from deployments.kserve_api import parse_infer_request
-from deployments.limits import check_score_request, check_tokens
+from deployments.limits import check_handle_request_size, check_score_request, check_tokens
 from deployments.schemas import ScoreRequest
 from deployments.scoring import WeightedScorer
 
@@ -206,3 +206,28 @@ def test_openapi_documents_the_error_statuses_and_kserve_bodies():
     schemas = spec["components"]["schemas"]
     assert {"InferRequestHeader", "InputTensor", "InferResponseBody", "ErrorBody", "KServeErrorBody"} <= set(schemas)
     assert "HTTPValidationError" not in schemas
+
+
+def test_a_handle_request_is_bounded_by_its_characters_before_validation():
+    """A handle call has no body to count: its text is counted against `max_request_bytes` (one character is at
+    least one byte of the same request as JSON), keys and nested models included, before it is validated."""
+    limits = RouterConfig(max_request_bytes=1000)
+
+    def request(content: str) -> dict:
+        return {"conversations": [{"messages": [{"role": "user", "content": "q"},
+                                                {"role": "assistant", "content": content}]}]}
+
+    keys = len("conversations") + len("messages") + 2 * (len("role") + len("content"))
+    others = keys + len("user") + len("q") + len("assistant")
+    fits = request("a" * (1000 - others))  # exactly 1000 characters
+    check_handle_request_size(fits, limits)
+    assert len(json.dumps(fits).encode()) >= 1000  # the same request as a body: at least as many bytes
+    over = request("é" * (1000 - others + 1))
+    with pytest.raises(RequestTooLargeError, match=r"more than 1000 characters of text; the limit "
+                                                   r"\(router.max_request_bytes\) is 1000") as refused:
+        check_handle_request_size(over, limits)
+    assert refused.value.param == "router.max_request_bytes" and refused.value.status_code == 413
+    with pytest.raises(RequestTooLargeError):
+        check_handle_request_size(ScoreRequest.model_validate(over), limits)  # a validated request
+    with pytest.raises(RequestTooLargeError):  # models inside a dict
+        check_handle_request_size({"conversations": [ScoreRequest.model_validate(over).conversations[0]]}, limits)
