@@ -152,22 +152,36 @@ def pad_row(row: ForestRow, multiple: int, pad_id: int = 0) -> ForestRow:
 
 
 def build_forest(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batch: int) -> ForestBatch:
-    """The batch as prefix tries packed into rows of at most `max_tokens_per_micro_batch` nodes."""
+    """The batch as prefix tries packed into rows of at most `max_tokens_per_micro_batch` nodes.
+
+    A trie that fits a row is never cut: whole tries are packed first fit, largest first, so a row boundary
+    never makes a fitting trie compute its shared prefix twice (GRPO groups of one prompt and its responses).
+    Only a trie larger than a row is cut, in sorted order, each piece repeating the prefix it starts under."""
     seqs = _as_arrays(token_batch)
     longest = max(len(s) for s in seqs)
     if longest > max_tokens_per_micro_batch:
         raise ValueError(f"a sequence has {longest} tokens; max_tokens_per_micro_batch is "
                          f"{max_tokens_per_micro_batch}")
     order, lcp = sorted_with_lcp(seqs)
-    groups: list[list[int]] = []  # positions in sorted order
-    cost = 0
+    pieces: list[tuple[int, list[int]]] = []  # (nodes, positions in sorted order): whole tries or cut pieces
     for j, i in enumerate(order):
         added = len(seqs[i]) - int(lcp[j])
-        if groups and cost + added <= max_tokens_per_micro_batch:
-            groups[-1].append(j)
-            cost += added
-        else:  # a new row; a cut inside a trie repeats the shared prefix
-            groups.append([j])
-            cost = len(seqs[i])
-    rows = [_build_row([seqs[order[j]] for j in group], [lcp[j] for j in group]) for group in groups]
-    return ForestBatch(rows=rows, order=order.copy())
+        if j and lcp[j] > 0 and pieces[-1][0] + added <= max_tokens_per_micro_batch:
+            pieces[-1] = (pieces[-1][0] + added, pieces[-1][1] + [j])
+        else:  # a new trie (lcp 0), or a cut inside one that repeats the shared prefix
+            pieces.append((len(seqs[i]), [j]))
+    rows_at: list[list[int]] = []  # positions of each row
+    free: list[int] = []  # nodes left in each row
+    for nodes, positions in sorted(pieces, key=lambda piece: -piece[0]):  # stable: ties keep sorted order
+        row = next((r for r, left in enumerate(free) if nodes <= left), None)
+        if row is None:
+            rows_at.append([])
+            free.append(max_tokens_per_micro_batch)
+            row = len(free) - 1
+        rows_at[row].extend(positions)
+        free[row] -= nodes
+    groups = rows_at
+    starts = {positions[0] for _, positions in pieces}  # each piece's first sequence computes its whole prefix
+    rows = [_build_row([seqs[order[j]] for j in group], [0 if j in starts else lcp[j] for j in group])
+            for group in groups]
+    return ForestBatch(rows=rows, order=np.asarray([order[j] for group in groups for j in group], dtype=np.int64))
