@@ -157,6 +157,24 @@ def write_shards(directory: Path, table_rows: list[dict], rows_per_shard: int = 
                        directory / f"s{start // rows_per_shard:04d}.parquet")
 
 
+def result_header(args: argparse.Namespace) -> dict[str, Any]:
+    """What every offline result file starts with: the SIMULATED label, the commit, the command, the machine."""
+    return {"simulated": True, "note": "SIMULATED accelerator (configs/simulated_340b_h200.yaml): no GPU ran; the "
+            "model's time is sharding/cost_model.py's", "git_commit": git_commit(), "command": " ".join(sys.argv),
+            "machine": machine_info(), "args": vars(args) | {"out": str(args.out)}}
+
+
+def serve_simulated(model_replicas: int) -> None:
+    """Serve on HTTP_PORT with the simulated 340B app (`app_args`) deployed as `reward` at `/`, RUNNING."""
+    from ray import serve
+
+    from serve_app import build_app
+    from tests.integration.conftest import deploy
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    deploy(build_app(app_args(model_replicas)), name="reward", route_prefix="/", timeout_s=900)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000, help="rows of the throughput run (and the smaller memory run)")
@@ -169,10 +187,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offline.json")
     args = parser.parse_args()
 
-    from ray import serve
-
     from jobs.tables import read_output
-    from tests.integration.conftest import deploy
 
     work = Path("/tmp") / f"offline-bench-{int(time.time())}"
     work.mkdir()
@@ -191,14 +206,9 @@ def main() -> None:
         write_shards(work / name, table_rows)
 
     cluster = start_cluster(num_cpus=16, num_gpus=8)
-    result: dict[str, Any] = {"simulated": True, "note": "SIMULATED accelerator (configs/simulated_340b_h200.yaml): no "
-                              "GPU ran; the model's time is sharding/cost_model.py's", "git_commit": git_commit(),
-                              "command": " ".join(sys.argv), "machine": machine_info(), "args": vars(args) | {"out": str(args.out)}}
+    result = result_header(args)
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        from serve_app import build_app
-
-        deploy(build_app(app_args(args.model_replicas)), name="reward", route_prefix="/", timeout_s=900)
+        serve_simulated(args.model_replicas)
         address = cluster.address
         warm = bodies_of(small[:64], args.rows_per_request)
         asyncio.run(http_pass(warm, args.service_concurrency, f"http://127.0.0.1:{HTTP_PORT}"))

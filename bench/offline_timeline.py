@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.offline import HTTP_PORT, add_workload_args, app_args, bodies_of, rows, write_shards  # noqa: E402
-from bench.service_vs_engine import machine_info  # noqa: E402
-from bench.simulated_service import TextMaker, arch_tokenizer, finish, git_commit, http_pass, start_cluster  # noqa: E402
+from bench.offline import (HTTP_PORT, add_workload_args, bodies_of, result_header, rows,  # noqa: E402
+                           serve_simulated, write_shards)
+from bench.simulated_service import TextMaker, arch_tokenizer, finish, http_pass, start_cluster  # noqa: E402
 
 
 BIN_S = 5
@@ -130,10 +130,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offline_firstrow.json")
     args = parser.parse_args()
 
-    from ray import serve
-
-    from tests.integration.conftest import deploy
-
     work = Path("/tmp") / f"offline-timeline-{int(time.time())}"
     work.mkdir()
     maker = TextMaker(arch_tokenizer(), seed=0)
@@ -143,15 +139,10 @@ def main() -> None:
         write_shards(work / f"in{n}", all_rows[:n])  # 1,000-row Parquet shards, as bench/offline.py writes
 
     cluster = start_cluster(num_cpus=16, num_gpus=8)
-    result: dict[str, Any] = {"simulated": True, "note": "SIMULATED accelerator (configs/simulated_340b_h200.yaml): no "
-                              "GPU ran; the model's time is sharding/cost_model.py's", "git_commit": git_commit(),
-                              "command": " ".join(sys.argv), "machine": machine_info(), "args": vars(args) | {"out": str(args.out)}}
+    result = result_header(args)
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        from serve_app import build_app
-
         t = time.time()
-        deploy(build_app(app_args(args.model_replicas)), name="reward", route_prefix="/", timeout_s=900)
+        serve_simulated(args.model_replicas)
         result["deploy_s"] = round(time.time() - t, 1)
         url = f"http://127.0.0.1:{HTTP_PORT}"
         small = all_rows[:args.rows]
