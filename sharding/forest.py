@@ -163,24 +163,24 @@ def build_forest(token_batch: Sequence[Sequence[int]], max_tokens_per_micro_batc
         raise ValueError(f"a sequence has {longest} tokens; max_tokens_per_micro_batch is "
                          f"{max_tokens_per_micro_batch}")
     order, lcp = sorted_with_lcp(seqs)
-    pieces: list[tuple[int, list[int]]] = []  # (nodes, positions in sorted order): whole tries or cut pieces
+    pieces: list[list] = []  # [nodes, positions in sorted order]: whole tries or cut pieces
     for j, i in enumerate(order):
         added = len(seqs[i]) - int(lcp[j])
         if j and lcp[j] > 0 and pieces[-1][0] + added <= max_tokens_per_micro_batch:
-            pieces[-1] = (pieces[-1][0] + added, pieces[-1][1] + [j])
+            pieces[-1][0] += added
+            pieces[-1][1].append(j)
         else:  # a new trie (lcp 0), or a cut inside one that repeats the shared prefix
-            pieces.append((len(seqs[i]), [j]))
-    rows_at: list[list[int]] = []  # positions of each row
+            pieces.append([len(seqs[i]), [j]])
+    groups: list[list[int]] = []  # positions of each row
     free: list[int] = []  # nodes left in each row
     for nodes, positions in sorted(pieces, key=lambda piece: -piece[0]):  # stable: ties keep sorted order
         row = next((r for r, left in enumerate(free) if nodes <= left), None)
         if row is None:
-            rows_at.append([])
+            groups.append([])
             free.append(max_tokens_per_micro_batch)
             row = len(free) - 1
-        rows_at[row].extend(positions)
+        groups[row].extend(positions)
         free[row] -= nodes
-    groups = rows_at
     starts = {positions[0] for _, positions in pieces}  # each piece's first sequence computes its whole prefix
     rows = [_build_row([seqs[order[j]] for j in group], [0 if j in starts else lcp[j] for j in group])
             for group in groups]
