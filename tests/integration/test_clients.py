@@ -67,7 +67,6 @@ def test_turns_all_through_the_handle(demo_app):
     assert set(turns[0]["attributes"]) == set(ATTRIBUTE_NAMES)
 
 
-
 def test_a_handle_request_over_the_size_limit_is_refused_as_http_would_be(demo_app):
     """A handle call with more text than `router.max_request_bytes` (16 MiB) gets the typed 413 error naming the
     limit, as the same request over HTTP would, instead of being tokenized; the next call is scored."""
@@ -80,6 +79,7 @@ def test_a_handle_request_over_the_size_limit_is_refused_as_http_would_be(demo_a
                                                    r"\(router.max_request_bytes\) is 16777216"):
         handle.score.remote(huge).result()
     assert handle.score.remote({"conversations": [multi_turn(2, 1)]}).result()["results"][0]["num_tokens"] > 0
+
 
 def test_turns_all_rejects_bad_value(http):
     response = http.post("/v1/score", json={"conversations": [multi_turn(0, 1)], "turns": "every"})

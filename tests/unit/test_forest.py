@@ -103,7 +103,6 @@ def test_a_trie_over_the_budget_is_cut_and_repeats_its_shared_prefix():
     check_paths(batch, 7)
 
 
-
 def test_a_trie_that_fits_a_row_is_never_cut():
     """Two GRPO-like groups (a prompt and its responses): 6 and 5 nodes under a budget of 8. Filling rows in
     sorted order would cut the second group at the row boundary and compute its prompt twice (13 nodes);
@@ -118,6 +117,7 @@ def test_a_trie_that_fits_a_row_is_never_cut():
     small = [[3, 7]]  # a third trie of 2 nodes fills the first row, not a third one
     assert [r.num_tokens for r in build_forest(batch + small, 8).rows] == [8, 5]
     check_paths(batch + small, 8)
+
 
 def test_a_max_length_prompt_fits_its_budget():
     prompt = list(range(1, 4097))
@@ -139,13 +139,14 @@ def test_random_batches_keep_every_path(seed):
         batch.append(p[:rng.randrange(1, len(p) + 1)] + [rng.randrange(1, 4) for _ in range(rng.randrange(0, 5))])
     budget = max(len(s) for s in batch) + rng.randrange(0, 20)
     check_paths(batch, budget)
-    assert unique_tokens(batch) <= build_forest(batch, budget).computed_tokens <= sum(len(s) for s in batch)
+    computed = build_forest(batch, budget).computed_tokens
+    assert unique_tokens(batch) <= computed <= sum(len(s) for s in batch)
     # every trie that fits a row alone is computed once
     tries = {}
     for seq in batch:
         tries.setdefault(seq[0], []).append(seq)
     if all(unique_tokens(group) <= budget for group in tries.values()):
-        assert build_forest(batch, budget).computed_tokens == unique_tokens(batch)
+        assert computed == unique_tokens(batch)
 
 
 def test_padded_layout_under_a_token_budget():
