@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+",
                         default=["best_of_256", "grpo", "mix", "deadlines", "flood", "flood_floor"])
     parser.add_argument("--micro-batch-tokens", type=int, default=None,
-                        help="parallel.max_tokens_per_micro_batch (default: the config's, 8192). The engine cuts a "
+                        help="parallel.max_tokens_per_micro_batch (default: the config's, 16384). The engine cuts a "
                         "batch's tries into rows of this many tokens, repeating a prefix at each cut; at "
                         "router.max_tokens_per_batch every batch is one row and computes exactly its tries.")
     parser.add_argument("--batches-in-flight", type=int, default=None,
@@ -203,6 +203,9 @@ def main() -> None:
                         "batches ahead of a small request in the pipeline, less overlap between batches")
     parser.add_argument("--batch-tokens", type=int, default=None,
                         help="router.max_tokens_per_batch (default: the config's, 16384)")
+    parser.add_argument("--long-request-tokens", type=int, default=None,
+                        help="router.long_request_tokens_per_batch (default: the config's, 4096; 0: no cap): what a "
+                        "request over the batch budget adds to one batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scheduling.json")
     args = parser.parse_args()
@@ -221,6 +224,8 @@ def main() -> None:
         app_args["router"]["max_batches_in_flight"] = args.batches_in_flight
     if args.batch_tokens is not None:
         app_args["router"]["max_tokens_per_batch"] = args.batch_tokens
+    if args.long_request_tokens is not None:
+        app_args["router"]["long_request_tokens_per_batch"] = args.long_request_tokens or None
     if args.micro_batch_tokens is not None:
         app_args["parallel"]["max_tokens_per_micro_batch"] = args.micro_batch_tokens
     result: dict[str, Any] = {

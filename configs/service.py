@@ -205,6 +205,13 @@ class ModelReplicasConfig(StrictModel):
 
 class RouterConfig(StrictModel):
     max_tokens_per_batch: int = Field(default=16384, gt=0, description="Token budget of one model batch.")
+    long_request_tokens_per_batch: int | None = Field(
+        default=None, gt=0,
+        description="Computed tokens a long request (one over max_tokens_per_batch, cut across batches anyway) may "
+                    "add to one batch, except where a cut would fall inside a prefix its prompts share. Smaller "
+                    "batches while it runs mean less work in flight ahead of a request that arrives behind it "
+                    "(the role of vLLM's long_prefill_token_threshold). Null: max_tokens_per_batch (no cap).",
+    )
     max_conversations_per_request: int = Field(default=256, gt=0, description="Conversations per request.")
     max_input_tokens: int | None = Field(
         default=None, gt=0, description="Per-conversation limit; null uses the model's context length."
@@ -274,6 +281,10 @@ class RouterConfig(StrictModel):
             raise ValueError(
                 f"max_queued_tokens {self.max_queued_tokens} is below max_tokens_per_batch {self.max_tokens_per_batch}"
             )
+        cap = self.long_request_tokens_per_batch
+        if cap is not None and cap > self.max_tokens_per_batch:
+            raise ValueError(f"long_request_tokens_per_batch {cap} is above max_tokens_per_batch "
+                             f"{self.max_tokens_per_batch}")
         return self
 
 

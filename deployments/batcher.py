@@ -89,11 +89,11 @@ class TokenBatcher:
     `await submit(job, ...)` -> `(rows, RequestUsage)`."""
 
     def __init__(self, model_call: ModelCall, max_tokens_per_batch: int, max_batches_in_flight: int,
-                 max_queued_tokens: int):
+                 max_queued_tokens: int, long_request_tokens_per_batch: int | None = None):
         self._model_call = model_call
         self._max_batches_in_flight = max_batches_in_flight
         self._max_queued_tokens = max_queued_tokens
-        self._scheduler = DrrScheduler(max_tokens_per_batch)
+        self._scheduler = DrrScheduler(max_tokens_per_batch, long_request_tokens_per_batch)
         self._queued_tokens = 0
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()

@@ -101,7 +101,6 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
         checkpoint = open_checkpoint(self._cfg.checkpoint_path)
         self._cfg.check_against(checkpoint.arch)  # token budget vs limit, names vs head (as build_app)
         self._limit_tokens = self._cfg.max_input_tokens(checkpoint.arch)
-        budget_tokens = self._cfg.router.max_tokens_per_batch
         self._prompt = prompt_format_for(checkpoint)
         self._model = model_handle
         self._readiness = ModelReadiness(model_handle)
@@ -117,7 +116,8 @@ class Router(ScoreRoutes, KServeRoutes, RLHFRoutes, AffinityRoutes):
         # One pull-based queue per replica (deployments.batcher): a batch leaves when a slot is free.
         self._batcher = TokenBatcher(
             self._run_model_batch,
-            max_tokens_per_batch=budget_tokens,
+            max_tokens_per_batch=self._cfg.router.max_tokens_per_batch,
+            long_request_tokens_per_batch=self._cfg.router.long_request_tokens_per_batch,
             max_batches_in_flight=batches_in_flight_for(self._cfg, running_model_replicas=None),
             max_queued_tokens=self._cfg.router.max_queued_tokens,
         )

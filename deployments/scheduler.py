@@ -21,10 +21,15 @@ already in the batch. The budget `max_tokens_per_batch` bounds that count.
   a batch would otherwise stay less than three quarters full); a larger flow sends prompt by prompt. Rounds
   are fast-forwarded (no empty rounds are looped through), and the flow served least recently goes first,
   so a small request behind a maximal one rides in the next batch that is formed.
+* A *long* flow, led by a request over the budget, adds at most `long_flow_tokens` (the router's
+  `long_request_tokens_per_batch`) to one batch, except while its next prompt continues a prefix shared with
+  its last one in the batch (a cut there would compute that prefix once more). Batches then stay short while
+  it is the only work, so a request arriving behind it finds less work in flight ahead of it (the role of
+  vLLM's long_prefill_token_threshold in chunked prefill); several long flows still fill a batch together.
 
-The batcher's `RequestUsage.computed_tokens` adds, per batch the job rode in, the unique tokens of its own prompts in that batch:
-the tokens the engine computed for it (a prefix shared with another request's prompt in the same batch is
-counted for both, as each would have computed it alone).
+The batcher's `RequestUsage.computed_tokens` adds, per batch the job rode in, the unique tokens of its own
+prompts in that batch: the tokens the engine computed for it (a prefix shared with another request's prompt
+in the same batch is counted for both, as each would have computed it alone).
 """
 
 from __future__ import annotations
@@ -143,8 +148,9 @@ class Pick:
 
 
 class DrrScheduler:
-    def __init__(self, budget_tokens: int):
+    def __init__(self, budget_tokens: int, long_flow_tokens: int | None = None):
         self.budget = budget_tokens
+        self.long_flow_tokens = min(long_flow_tokens or budget_tokens, budget_tokens)
         self.quantum = max(1, budget_tokens // QUANTUM_SHARE)
         self._flows: OrderedDict[Hashable, Flow] = OrderedDict()  # least recently served first
 
@@ -192,27 +198,30 @@ class DrrScheduler:
         batch: list[Pick] = []
         room = self.budget
         last: dict[Hashable, np.ndarray] = {}  # per flow, its last prompt taken into this batch
-        started: set[Hashable] = set()
+        spent: dict[Hashable, int] = {}  # per flow started in this batch, the tokens it added
         quanta = self._quanta()
         while self._flows and room > 0:
             progressed, wanted = False, {}
             for key in list(self._flows):
                 flow = self._flows[key]
-                whole = flow.cost() if key not in started else None
+                whole = flow.cost() if key not in spent and not self._long(flow) else None
                 if whole is not None and whole <= self.budget:  # one packet: all or nothing (in this batch)
                     if whole <= room and whole <= flow.deficit:
-                        room -= self._take(flow, batch, last, room, limit=None)
-                        started.add(key)
+                        spent[key] = self._take(flow, batch, last, room, limit=None)
+                        room -= spent[key]
                         progressed = True
                     elif whole <= room:
                         wanted[key] = whole
                     continue
-                nxt = self._next_cost(flow, last)
-                if nxt <= min(room, flow.deficit) or (not batch and nxt > self.budget):
-                    room -= self._take(flow, batch, last, room, limit=max(flow.deficit, nxt))
-                    started.add(key)
+                nxt = self._next_cost(flow, last)  # a long flow, cut across batches
+                allowed = self._allowed(flow, last, spent, nxt)
+                if nxt <= min(room, flow.deficit, allowed) or (not batch and nxt > self.budget):
+                    taken = self._take(flow, batch, last, room, limit=max(flow.deficit, nxt),
+                                       cap=self.long_flow_tokens - spent.get(key, 0))
+                    spent[key] = spent.get(key, 0) + taken
+                    room -= taken
                     progressed = True
-                elif nxt <= room:
+                elif nxt <= min(room, allowed):
                     wanted[key] = nxt
             if progressed:
                 continue
@@ -223,15 +232,35 @@ class DrrScheduler:
             for key, flow in self._flows.items():
                 flow.deficit = min(flow.deficit + max(1, rounds) * quanta[key], self.budget)
         if self._flows and room * FILL_SHARE > self.budget:
-            self._fill(batch, last, room)
+            self._fill(batch, last, room, spent)
         return batch
 
-    def _fill(self, batch: list[Pick], last: dict[Hashable, np.ndarray], room: int) -> None:
-        """A batch left over a quarter empty takes a cut of the first waiting flow (credit or not)."""
-        for flow in list(self._flows.values()):
-            if self._next_cost(flow, last) <= room:
-                self._take(flow, batch, last, room, limit=room)
+    def _fill(self, batch: list[Pick], last: dict[Hashable, np.ndarray], room: int,
+              spent: dict[Hashable, int]) -> None:
+        """A batch left over a quarter empty takes a cut of the first waiting flow (credit or not; a long
+        flow within its per-batch cap)."""
+        for key, flow in list(self._flows.items()):
+            nxt = self._next_cost(flow, last)
+            long_flow = self._long(flow) or flow.cost() > self.budget
+            if nxt <= room and (not long_flow or nxt <= self._allowed(flow, last, spent, nxt)):
+                self._take(flow, batch, last, room, limit=room,
+                           cap=self.long_flow_tokens - spent.get(key, 0) if long_flow else math.inf)
                 return
+
+    def _long(self, flow: Flow) -> bool:
+        """A flow led by a request over the budget (capped per batch until that request is sent)."""
+        return self.long_flow_tokens < self.budget and flow.jobs[0].unique_tokens > self.budget
+
+    def _allowed(self, flow: Flow, last: dict[Hashable, np.ndarray], spent: dict[Hashable, int], nxt: int) -> float:
+        """What a long flow may still add to this batch: its cap's rest, or anything while its next prompt
+        continues a shared prefix of its last one in the batch (a cut there would recompute that prefix)."""
+        if self._continues_prefix(flow, last, nxt):
+            return math.inf
+        return self.long_flow_tokens - spent.get(flow.key, 0)
+
+    def _continues_prefix(self, flow: Flow, last: dict[Hashable, np.ndarray], cost: int) -> bool:
+        job = flow.jobs[0]
+        return flow.key in last and len(job.seqs[job.order[job.next]]) - cost >= FAMILY_PREFIX_TOKENS
 
     def _next_cost(self, flow: Flow, last: dict[Hashable, np.ndarray]) -> int:
         job = flow.jobs[0]
@@ -243,13 +272,16 @@ class DrrScheduler:
         return len(seq)
 
     def _take(self, flow: Flow, batch: list[Pick], last: dict[Hashable, np.ndarray], room: int,
-              limit: float | None) -> int:
+              limit: float | None, cap: float = math.inf) -> int:
         """Moves prompts of `flow` into `batch` while they fit `room` (and, with a limit, cost at most `limit`
-        together; the first is taken even when it alone is over both); returns their cost."""
+        together; the first is taken even when it alone is over both); returns their cost. `cap` is the long
+        flow's per-batch cap: past it, prompts are taken only while they continue a shared prefix."""
         spent = 0
         while flow.jobs:
             cost = self._next_cost(flow, last)
             if spent and (spent + cost > room or (limit is not None and spent + cost > limit)):
+                break
+            if spent and spent + cost > cap and not self._continues_prefix(flow, last, cost):
                 break
             job = flow.jobs[0]
             index = job.order[job.next]

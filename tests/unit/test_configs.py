@@ -590,5 +590,12 @@ def test_queue_bound_below_the_batch_budget_is_refused():
         RouterConfig(max_tokens_per_batch=2048, max_queued_tokens=1000)
 
 
+def test_long_request_cap_above_the_batch_budget_is_refused():
+    with pytest.raises(ValidationError, match="long_request_tokens_per_batch 4096 is above max_tokens_per_batch 2048"):
+        RouterConfig(max_tokens_per_batch=2048, long_request_tokens_per_batch=4096)
+    capped = RouterConfig(max_tokens_per_batch=2048, long_request_tokens_per_batch=2048)
+    assert capped.long_request_tokens_per_batch == 2048
+
+
 def test_scatter_gather_activations_is_on_by_default():
     assert ParallelConfig().scatter_gather_activations is True

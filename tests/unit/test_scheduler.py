@@ -162,6 +162,52 @@ def test_small_request_behind_a_maximal_one_is_answered_within_two_batch_times()
     run(main())
 
 
+def test_a_long_request_adds_at_most_its_cap_to_each_batch():
+    """`long_request_tokens_per_batch`: a request of 64 distinct 1,000-token prompts (over the 16,384 budget)
+    goes out 4 prompts per batch under a 4,096 cap, 16 without it; a small request arriving behind it rides in
+    a batch of at most the cap plus its own tokens, not a full one."""
+
+    def batches(cap):
+        rng = np.random.default_rng(5)
+        scheduler = DrrScheduler(16384, cap)
+        scheduler.add(Job.of([rng.integers(10, 30000, 1000) for _ in range(64)]))
+        first = scheduler.form_batch()
+        small = Job.of([rng.integers(10, 30000, 700)])
+        scheduler.add(small)
+        rest = []
+        while len(scheduler):
+            rest.append(scheduler.form_batch())
+        return first, rest, small
+
+    first, rest, small = batches(None)
+    assert len(first) == 16 and sum(p.cost for p in first) == 16000
+    assert sum(p.cost for p in next(b for b in rest if any(p.job is small for p in b))) > 15000
+    first, rest, small = batches(4096)
+    assert len(first) == 4 and all(sum(p.cost for p in b) <= 4096 + 700 for b in rest)
+    carrying = next(b for b in rest if any(p.job is small for p in b))
+    assert sum(p.cost for p in carrying) == 4000 + 700
+    assert sum(len(b) for b in rest) == 64 + 1 - 4
+
+
+def test_the_cap_never_cuts_inside_a_shared_prefix():
+    """A long best-of-N (a 3,700-token prompt x 1,000 responses of 100 tokens, 103,700 unique tokens): a cut
+    inside the shared prompt would compute it once more, so the cap does not apply there and the batches are
+    the same as without it (the prompt computed once per batch, 8 batches)."""
+    rng = np.random.default_rng(6)
+    prompt = rng.integers(10, 30000, 3700)
+    lists = [np.concatenate([prompt, rng.integers(10, 30000, 100)]) for _ in range(1000)]
+    layouts = []
+    for cap in (None, 4096):
+        scheduler = DrrScheduler(16384, cap)
+        scheduler.add(Job.of(lists))
+        layouts.append([])
+        while len(scheduler):
+            layouts[-1].append([p.index for p in scheduler.form_batch()])
+    assert layouts[0] == layouts[1] and len(layouts[1]) == 8
+    computed = sum(unique_token_count([lists[i] for i in batch]) for batch in layouts[1])
+    assert computed == unique_token_count(lists) + 7 * 3700
+
+
 def test_drr_shares_are_per_tenant():
     """Two tenants (API keys): one with nine requests queued, one with one request as large as the nine
     together. By the time the nine are done, the lone request has had about as many computed tokens: the
