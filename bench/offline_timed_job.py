@@ -6,6 +6,8 @@ dataset, its actors and its writer), with timestamps written to an events file (
 
 `--ray-data-v2-read` among them: the job reads Parquet as it did before jobs/ray_data.py turned Ray Data's V2
 Parquet read off (its footer-reading actor pool) and set the read's block count, to measure both in one run.
+`--ray-data-default-queue` among them: the actor pool queues as many blocks per actor as Ray Data's default
+(2x its concurrent calls), as before jobs/ray_data.py capped it at the blocks an actor works on.
 
 What is recorded (nothing else changes):
 * the driver: its imports, `ray.init`, the dataset built (lazy: Ray Data plans and starts on the first
@@ -80,7 +82,8 @@ class TimedScorer(HandleScorer):
 def main(argv: list[str]) -> int:
     events = argv[0]
     old_read = "--ray-data-v2-read" in argv  # the read as before the fix: Ray Data's V2 Parquet read (footer actors)
-    argv = [a for a in argv if a != "--ray-data-v2-read"]
+    default_queue = "--ray-data-default-queue" in argv  # Ray Data's own blocks-per-actor queue, as before the cap
+    argv = [a for a in argv if a not in ("--ray-data-v2-read", "--ray-data-default-queue")]
     emit(events, "driver", "main_entered", t=T_MAIN)
     import jobs.__main__ as cli
     import jobs.ray_data as ray_data
@@ -123,6 +126,14 @@ def main(argv: list[str]) -> int:
             return original_read_parquet(*a, **k)
 
         ray.data.read_parquet = read_parquet
+    if default_queue:
+        original_strategy = ray.data.ActorPoolStrategy
+
+        def strategy(**k: Any) -> Any:
+            k.pop("max_tasks_in_flight_per_actor", None)
+            return original_strategy(**k)
+
+        ray.data.ActorPoolStrategy = strategy
     original_actor_dataset, original_take_outcome = ray_data.actor_dataset, ray_data.take_outcome
     ray_data.actor_dataset, ray_data.take_outcome, ray_data.ShardWriter = actor_dataset, take_outcome, TimedShardWriter
     code = cli.main(argv[1:])

@@ -84,8 +84,10 @@ def actor_dataset(fs: Any, files: list[str], actor: type, *, consumers: int, bat
     return ds.repartition(target_num_rows_per_block=batch_rows).map_batches(
         actor, batch_size=batch_rows, batch_format="pyarrow", zero_copy_batch=True,
         # Several blocks at once per actor (an async UDF: they share the actor's loop and its in-flight bound), so
-        # a batch's slowest request does not leave the actor idle.
-        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR),
+        # a batch's slowest request does not leave the actor idle. No more queued on one actor than it works on:
+        # Ray Data's default (2x the calls) let the actor ready first take every block of a small job.
+        compute=ray.data.ActorPoolStrategy(size=consumers, max_concurrent_calls_per_actor=BLOCKS_PER_ACTOR,
+                                           max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR),
         num_cpus=SCORER_CPUS, fn_constructor_kwargs={**constructor_kwargs, "jsonl": jsonl},
     )
 
