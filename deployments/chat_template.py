@@ -8,6 +8,7 @@ template writes BOS itself). The score is read at the last token of the rendered
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,9 @@ from tokenizers import Tokenizer
 
 from deployments.errors import InputTooLongError
 from deployments.prompt import SentencePieceTokenizer, SteerLMPrompt, TokenizedPrompt
+
+
+SHARED_CUT_WINDOW_CHARS = 4096  # how far back from the end of a best-of-N's shared text a special token is looked for
 
 
 def _raise_exception(message: str) -> None:
@@ -39,6 +43,8 @@ class ChatTemplatePrompt:
         eos = self._special.get("eos_token")
         self.eos_id = self._tokenizer.token_to_id(eos) if eos else None
         self.assistant_header = self._assistant_header()
+        self._special_texts = sorted({t.content for t in self._tokenizer.get_added_tokens_decoder().values()
+                                      if t.special and t.content})
 
     def _assistant_header(self) -> str | None:
         """What the template writes before an assistant message's text (how the first response starts in a
@@ -106,15 +112,59 @@ class ChatTemplatePrompt:
 
     def tokenize_best_of_n(self, prompt: Sequence[Any], responses: Sequence[str], *, max_tokens: int,
                            truncate: str = "none") -> list[TokenizedPrompt]:
-        """One prompt per response. A Jinja template gives no guarantee that a prompt's tokens are a prefix of
-        the conversation's, so each conversation is rendered and encoded whole (the SteerLM format encodes the
-        prompt once)."""
+        """One prompt per response, the shared prompt encoded once where that is exact. Each conversation is
+        rendered (a Jinja template owes nothing to prefixes, so the shared text is found in the rendered
+        strings: their common prefix). It is cut after its last special token that some common text follows;
+        the text before the cut is encoded once, each conversation's rest alone. The tokenizer splits special
+        tokens off before anything else, so the pieces are encoded as in the whole text, except for what a
+        pre-tokenizer does to the first piece of an input (a prepended space), which depends only on that
+        piece's first character, common to every conversation: so the first conversation is also encoded whole
+        and the cut is kept only when both encodings agree. Otherwise, and for a conversation over the limit
+        with `truncate: "left"`, a conversation is rendered and encoded whole."""
         from deployments.schemas import Message
 
-        return [self.tokenize_conversation([*prompt, Message(role="assistant", content=response)],
-                                           max_tokens=max_tokens, truncate=truncate, conversation_index=index,
-                                           field=f"responses[{index}]")
-                for index, response in enumerate(responses)]
+        conversations = [[*prompt, Message(role="assistant", content=response)] for response in responses]
+
+        first: list[int] | None = None
+
+        def alone(index: int) -> TokenizedPrompt:
+            if index == 0 and first is not None and len(first) <= max_tokens:
+                return TokenizedPrompt(first, truncated=False)
+            return self.tokenize_conversation(conversations[index], max_tokens=max_tokens, truncate=truncate,
+                                              conversation_index=index, field=f"responses[{index}]")
+
+        if len(conversations) < 2:
+            return [alone(index) for index in range(len(conversations))]
+        texts = [self.render(conversation) for conversation in conversations]
+        first = self.encode(texts[0])
+        if len(first) > max_tokens and truncate == "none":
+            raise InputTooLongError(0, len(first), max_tokens, field="responses[0]")
+        cut = self._shared_cut(texts)
+        head = self.encode(texts[0][:cut]) if cut else []
+        if not cut or head + self.encode(texts[0][cut:]) != first:
+            return [alone(index) for index in range(len(conversations))]
+        out = []
+        for index, text in enumerate(texts):
+            ids = first if index == 0 else head + self.encode(text[cut:])
+            if len(ids) <= max_tokens:
+                out.append(TokenizedPrompt(ids, truncated=False))
+            elif truncate == "none":
+                raise InputTooLongError(index, len(ids), max_tokens, field=f"responses[{index}]")
+            else:
+                out.append(alone(index))
+        return out
+
+    def _shared_cut(self, texts: Sequence[str]) -> int:
+        """Where the rendered texts' common prefix can be cut: just after the last special token that ends
+        before it does (0: none), searched in its last SHARED_CUT_WINDOW_CHARS characters."""
+        shared = len(os.path.commonprefix([min(texts), max(texts)]))
+        window = max(0, shared - SHARED_CUT_WINDOW_CHARS)
+        cut = 0
+        for token in self._special_texts:
+            at = texts[0].rfind(token, window, shared - 1)  # the token ends before the shared text does
+            if at >= 0:
+                cut = max(cut, at + len(token))
+        return cut
 
     def tokenize_turns(self, messages: Sequence[Any], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
         """One prompt per assistant turn: the conversation rendered up to and including that turn. The whole

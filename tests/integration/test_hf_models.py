@@ -77,6 +77,13 @@ def test_http_with_chat_template_matches_transformers(serve_http, hf_models, kin
     try:
         body = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120,
                           json={"conversations": [{"messages": c} for c in CONVERSATIONS]}).raise_for_status().json()
+        # Best-of-N on the last conversation's prompt (its shared text encoded once): each result equals that
+        # prompt + response scored as a conversation.
+        prompt, responses = CONVERSATIONS[2][:-1], [c[-1]["content"] for c in CONVERSATIONS]
+        best = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120,
+                          json={"prompt": prompt, "responses": responses}).raise_for_status().json()
+        each = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120, json={"conversations": [
+            {"messages": [*prompt, {"role": "assistant", "content": r}]} for r in responses]}).raise_for_status().json()
     finally:
         serve.delete(name)
     want = transformers_rewards(model, kind, hf_token_batch(path)).numpy()
@@ -85,5 +92,9 @@ def test_http_with_chat_template_matches_transformers(serve_http, hf_models, kin
         assert list(result["attributes"]) == names
         np.testing.assert_allclose([result["attributes"][n] for n in names], row, atol=TOL, rtol=0)
         assert result["num_tokens"] == len(ids)
+    for got, want_one in zip(best["results"], each["results"]):
+        assert got["num_tokens"] == want_one["num_tokens"]
+        np.testing.assert_allclose(list(got["attributes"].values()), list(want_one["attributes"].values()),
+                                   atol=1e-5, rtol=0)
     if kind == "llama-causal":
         assert body["results"][0]["score"] == pytest.approx(body["results"][0]["attributes"]["reward"], abs=1e-6)
