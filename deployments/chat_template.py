@@ -8,6 +8,7 @@ template writes BOS itself). The score is read at the last token of the rendered
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Sequence
 from datetime import datetime
@@ -168,10 +169,38 @@ class ChatTemplatePrompt:
 
     def tokenize_turns(self, messages: Sequence[Any], **kwargs: Any) -> list[tuple[int, TokenizedPrompt]]:
         """One prompt per assistant turn: the conversation rendered up to and including that turn. The whole
-        conversation goes first, so an over-long one is refused after one encoding."""
+        conversation is rendered and encoded first (an over-long one is refused after one encoding). A turn
+        whose rendering is a prefix of the whole's ending with a special token takes the whole's tokens up to
+        there: the tokenizer splits special tokens off before anything else, so the text before one encodes as
+        it would alone. Any other turn (a template that renders earlier turns differently), and one over the
+        limit, is rendered and encoded alone, as `tokenize_conversation` does."""
         indices = [i for i, message in enumerate(messages) if message.role == "assistant"]
-        prompts = [(i, self.tokenize_conversation(messages[: i + 1], **kwargs)) for i in reversed(indices)]
+        if not indices:
+            return []
+        max_tokens = kwargs["max_tokens"]
+        full = self.render(messages[: indices[-1] + 1])
+        encoding = self._tokenizer.encode(full, add_special_tokens=False)
+        ends = [end for _, end in encoding.offsets]
+        if len(encoding.ids) > max_tokens and kwargs.get("truncate", "none") == "none":
+            raise InputTooLongError(kwargs.get("conversation_index", 0), len(encoding.ids), max_tokens,
+                                    field=kwargs.get("field"))
+        prompts = []
+        for i in reversed(indices):
+            text = full if i == indices[-1] else self.render(messages[: i + 1])
+            n = len(encoding.ids) if text is full else self._prefix_tokens(full, text, ends)
+            if n is not None and n <= max_tokens:
+                prompts.append((i, TokenizedPrompt(encoding.ids[:n], truncated=False)))
+            else:
+                prompts.append((i, self.tokenize_conversation(messages[: i + 1], **kwargs)))
         return prompts[::-1]
+
+    def _prefix_tokens(self, full: str, text: str, ends: Sequence[int]) -> int | None:
+        """How many of `full`'s tokens (`ends`: their end offsets) encode `text`, when `text` is a prefix of
+        `full` ending with a special token that is a token of `full`'s encoding; None otherwise."""
+        if not full.startswith(text) or not any(text.endswith(token) for token in self._special_texts):
+            return None
+        n = bisect.bisect_right(ends, len(text))
+        return n if n and ends[n - 1] == len(text) else None
 
     def fit_token_ids(self, token_ids: Sequence[int], *, max_tokens: int) -> TokenizedPrompt:
         """A pre-formatted prompt over the limit keeps its last `max_tokens` tokens (the scored end)."""

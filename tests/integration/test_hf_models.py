@@ -84,6 +84,11 @@ def test_http_with_chat_template_matches_transformers(serve_http, hf_models, kin
                           json={"prompt": prompt, "responses": responses}).raise_for_status().json()
         each = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120, json={"conversations": [
             {"messages": [*prompt, {"role": "assistant", "content": r}]} for r in responses]}).raise_for_status().json()
+        # Per-turn prompts (prefixes of one encoding) equal the prefixes scored as conversations.
+        turns = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120, json={
+            "conversations": [{"messages": CONVERSATIONS[2]}], "turns": "all"}).raise_for_status().json()
+        prefixes = httpx.post(f"{serve_http}/{name}/v1/score", timeout=120, json={"conversations": [
+            {"messages": CONVERSATIONS[2][:2]}, {"messages": CONVERSATIONS[2]}]}).raise_for_status().json()
     finally:
         serve.delete(name)
     want = transformers_rewards(model, kind, hf_token_batch(path)).numpy()
@@ -93,6 +98,10 @@ def test_http_with_chat_template_matches_transformers(serve_http, hf_models, kin
         np.testing.assert_allclose([result["attributes"][n] for n in names], row, atol=TOL, rtol=0)
         assert result["num_tokens"] == len(ids)
     for got, want_one in zip(best["results"], each["results"]):
+        assert got["num_tokens"] == want_one["num_tokens"]
+        np.testing.assert_allclose(list(got["attributes"].values()), list(want_one["attributes"].values()),
+                                   atol=1e-5, rtol=0)
+    for got, want_one in zip(turns["results"][0]["turns"], prefixes["results"], strict=True):
         assert got["num_tokens"] == want_one["num_tokens"]
         np.testing.assert_allclose(list(got["attributes"].values()), list(want_one["attributes"].values()),
                                    atol=1e-5, rtol=0)

@@ -1,6 +1,7 @@
-"""HF chat-template best-of-N: the shared prompt is encoded once where that is exact, and every prompt equals the
-conversation rendered and encoded whole (the reference), with a byte-level tokenizer (cut kept) and a
-Metaspace one whose first piece of an input gets a prepended "▁" (cut refused, each conversation whole)."""
+"""HF chat-template best-of-N and per-turn prompts: the shared text is encoded once where that is exact, and
+every prompt equals its conversation rendered and encoded whole (the reference), with a byte-level tokenizer
+(best-of-N's cut kept) and a Metaspace one whose first piece of an input gets a prepended "▁" (best-of-N's
+cut refused, each conversation whole; per-turn prefixes start where the whole does, so they are exact)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,35 @@ def test_limits_name_the_response(byte_level):
     assert "responses[0]" in str(raised.value)
     with pytest.raises(InputTooLongError, match="responses\\[1\\]"):  # its last turn alone is over the limit
         byte_level.tokenize_best_of_n(messages, [short, long], max_tokens=limit, truncate="left")
+
+
+@pytest.mark.parametrize("name", ["byte_level", "metaspace"])
+def test_every_turn_equals_its_prefix_encoded_whole(name, request):
+    prompt = request.getfixturevalue(name)
+    rng = random.Random(2)
+    for case in range(10):
+        messages = [Message(role="system", content=text(rng, 4))] if case % 2 else []
+        for turn in range(rng.randrange(1, 6)):
+            messages += [Message(role="user", content=text(rng, rng.randrange(1, 30)) + " ünïcode ✓"),
+                         Message(role="assistant", content=text(rng, rng.randrange(1, 30)))]
+        got = prompt.tokenize_turns(messages, max_tokens=10**6)
+        want = [(i, prompt.tokenize_conversation(messages[: i + 1], max_tokens=10**6))
+                for i, m in enumerate(messages) if m.role == "assistant"]
+        assert [(i, p.token_ids) for i, p in got] == [(i, p.token_ids) for i, p in want], case
+
+
+def test_turns_encode_the_conversation_once(byte_level, monkeypatch):
+    rng = random.Random(3)
+    messages = []
+    for _ in range(20):
+        messages += [Message(role="user", content=text(rng, 500)), Message(role="assistant", content=text(rng, 50))]
+    counting = CountingTokenizer(byte_level._tokenizer)
+    monkeypatch.setattr(byte_level, "_tokenizer", counting)
+    got = byte_level.tokenize_turns(messages, max_tokens=10**6)
+    assert len(got) == 20 and counting.calls == 1
+    full = got[-1][1].num_tokens
+    with pytest.raises(InputTooLongError, match=str(full)):  # over the limit: refused after that one encoding
+        byte_level.tokenize_turns(messages, max_tokens=full - 1)
+    assert counting.calls == 2
+    short = byte_level.tokenize_turns(messages, max_tokens=full - 1, truncate="left")  # the last turn cut alone
+    assert short[-1][1].truncated and [p.token_ids for _, p in short[:-1]] == [p.token_ids for _, p in got[:-1]]
