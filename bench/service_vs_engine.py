@@ -356,7 +356,7 @@ class EngineBench:
         out = {"tokens": tokens, "batches": len(batches), "wall_s": round(wall, 3),
                "tokens_per_s": round(tokens / wall, 1), "loadavg_1m": round(load, 2)}
         if sampler:
-            cpu = sampler.stop()
+            sampler.stop()
             out["worker_cpu_share"] = round(sampler.worker_thread[0] / wall, 3)
             out["worker_runqueue_wait_share"] = round(sampler.worker_thread[1] / wall, 3)
             run = sampler.worker_thread[0]

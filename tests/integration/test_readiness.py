@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from ray import serve
 
 from tests.integration.conftest import service_args, wait_running

@@ -1,4 +1,5 @@
-"""Shared unit-test fixtures: a demo SentencePiece tokenizer trained once per session."""
+"""Shared unit-test fixtures: a demo SentencePiece tokenizer trained once per session, and an HF chat-template
+prompt (a byte-level BPE tokenizer, tests/hf_models.py) built once per session."""
 
 from __future__ import annotations
 
@@ -16,3 +17,15 @@ def demo_tokenizer_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_tokenizer_path) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(demo_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def hf_chat_prompt(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from deployments.chat_template import ChatTemplatePrompt
+    from tests.hf_models import CHAT_TEMPLATE, _tokenizer
+
+    out = tmp_path_factory.mktemp("hf_tok")
+    _tokenizer(out)
+    return ChatTemplatePrompt(str(out / "tokenizer.json"), CHAT_TEMPLATE,
+                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})

@@ -31,15 +31,9 @@ class CountingTokenizer:
         return getattr(self.inner, name)
 
 
-@pytest.fixture(scope="module")
-def byte_level(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tests.hf_models import CHAT_TEMPLATE, _tokenizer
-
-    out = tmp_path_factory.mktemp("hf_tok")
-    _tokenizer(out)
-    return ChatTemplatePrompt(str(out / "tokenizer.json"), CHAT_TEMPLATE,
-                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+@pytest.fixture
+def byte_level(hf_chat_prompt):
+    return hf_chat_prompt
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.chat_template import ChatTemplatePrompt
 from deployments.errors import InputTooLongError
 from deployments.schemas import Message
 
 
-@pytest.fixture(scope="module")
-def prompt(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tests.hf_models import CHAT_TEMPLATE, _tokenizer
-
-    out = tmp_path_factory.mktemp("hf_tok")
-    _tokenizer(out)
-    return ChatTemplatePrompt(str(out / "tokenizer.json"), CHAT_TEMPLATE,
-                              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+@pytest.fixture
+def prompt(hf_chat_prompt):
+    return hf_chat_prompt
 
 
 def linear_rule(prompt, messages, limit):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from deployments import readiness
 from deployments.readiness import ModelReadiness
 
