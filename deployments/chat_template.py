@@ -159,6 +159,8 @@ class ChatTemplatePrompt:
         """Where the rendered texts' common prefix can be cut: just after the last special token that ends
         before it does (0: none), searched in its last SHARED_CUT_WINDOW_CHARS characters."""
         shared = len(os.path.commonprefix([min(texts), max(texts)]))
+        if shared < 2:
+            return 0
         window = max(0, shared - SHARED_CUT_WINDOW_CHARS)
         cut = 0
         for token in self._special_texts:

@@ -20,12 +20,19 @@ def demo_tokenizer(demo_tokenizer_path) -> SentencePieceTokenizer:
 
 
 @pytest.fixture(scope="session")
-def hf_chat_prompt(tmp_path_factory):
+def hf_tokenizer_path(tmp_path_factory) -> str:
     pytest.importorskip("transformers")
-    from deployments.chat_template import ChatTemplatePrompt
-    from tests.hf_models import CHAT_TEMPLATE, _tokenizer
+    from tests.hf_models import _tokenizer
 
     out = tmp_path_factory.mktemp("hf_tok")
     _tokenizer(out)
-    return ChatTemplatePrompt(str(out / "tokenizer.json"), CHAT_TEMPLATE,
+    return str(out / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def hf_chat_prompt(hf_tokenizer_path):
+    from deployments.chat_template import ChatTemplatePrompt
+    from tests.hf_models import CHAT_TEMPLATE
+
+    return ChatTemplatePrompt(hf_tokenizer_path, CHAT_TEMPLATE,
                               {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})

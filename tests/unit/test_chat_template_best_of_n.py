@@ -149,3 +149,16 @@ def test_turns_encode_the_conversation_once(byte_level, monkeypatch):
     assert counting.calls == 2
     short = byte_level.tokenize_turns(messages, max_tokens=full - 1, truncate="left")  # the last turn cut alone
     assert short[-1][1].truncated and [p.token_ids for _, p in short[:-1]] == [p.token_ids for _, p in got[:-1]]
+
+
+def test_no_cut_when_the_rendered_conversations_share_nothing(hf_tokenizer_path):
+    """A template that writes the response first: the rendered texts share no prefix, so nothing is cut (a
+    search bounded by a shared length of 0 must not look through the whole text)."""
+    template = "{% for m in messages|reverse %}{{ m['content'] + '<|eot_id|>' }}{% endfor %}"
+    prompt = ChatTemplatePrompt(hf_tokenizer_path, template, {"eos_token": "<|eot_id|>"})
+    messages = [Message(role="user", content="the model scores")]
+    responses = ["answer one", "second answer"]
+    assert prompt._shared_cut([prompt.render([*messages, Message(role="assistant", content=r)])
+                               for r in responses]) == 0
+    got = prompt.tokenize_best_of_n(messages, responses, max_tokens=10**6)
+    assert [p.token_ids for p in got] == [p.token_ids for p in whole(prompt, messages, responses, max_tokens=10**6)]
