@@ -148,7 +148,7 @@ def measure_rank(rank: int, tp: int, path: str, dtype: str) -> dict:
         checksum = float(sum(p.double().sum().item() for p in model.parameters()))
     read = None
     if report.zarr_stats is not None:
-        from sharding.checkpoints.nemo_weights import tensor_infos
+        from sharding.checkpoints.dist_readers import tensor_infos
 
         infos = tensor_infos(checkpoint.weights_files)
         read = {k: round(v / infos[k].nbytes, 4) for k, v in report.zarr_stats.bytes_by_key.items()}

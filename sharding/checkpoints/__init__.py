@@ -6,6 +6,7 @@ check, load); `formats.FORMATS` is the registry and `formats.open_checkpoint` de
     nemo.py          NeMo checkpoints: extracted or packed `.nemo`, model_config.yaml (-> the architecture),
                      tokenizer, weights dir; the weights-shape check
     nemo_weights.py  `model_weights/`: megatron-core distributed checkpoint (zarr or torch_dist) onto a rank
+    dist_readers.py  what such a checkpoint stores; the zarr and packed-torch_dist read strategies
     zarr.py          zarr v2 arrays as megatron-core's zarr backend wrote them (numpy)
     files.py         the files of a checkpoint, in a directory or inside a packed `.nemo` (tar, read in place)
     hf.py            HF reward models: config.json (-> the architecture), safetensors, tokenizer.json,

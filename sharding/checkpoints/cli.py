@@ -90,7 +90,7 @@ def _locate(path: Path) -> tuple[NemoCheckpoint | None, CheckpointFiles]:
 def inspect_checkpoint(path: str | Path, tp: int = 1, pp: int = 1, dtype: str = "bfloat16",
                        disk_mb_per_s: float | None = None) -> dict:
     """Everything `inspect` prints, as a dict (JSON-ready)."""
-    from sharding.checkpoints.nemo_weights import tensor_infos
+    from sharding.checkpoints.dist_readers import tensor_infos
 
     path = Path(path).expanduser().resolve()
     checkpoint, files = _locate(path)

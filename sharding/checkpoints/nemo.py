@@ -306,7 +306,7 @@ def stored_tensor_shapes(checkpoint: NemoCheckpoint) -> dict[str, tuple[int, ...
         from sharding.checkpoints.zarr import read_meta
 
         return {key: tuple(read_meta(files, key).shape) for key in list_arrays(files)}
-    from sharding.checkpoints.nemo_weights import tensor_infos  # torch_dist's index is a torch pickle
+    from sharding.checkpoints.dist_readers import tensor_infos  # torch_dist's index is a torch pickle
 
     return {key: tuple(info.shape) for key, info in tensor_infos(files, fmt).items()}
 

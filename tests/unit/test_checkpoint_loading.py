@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.checkpoints.nemo_weights import ZarrLoadShardedStrategy, load_weights, sharded_state_dict, tensor_infos
+from sharding.checkpoints.dist_readers import ZarrLoadShardedStrategy, tensor_infos
+from sharding.checkpoints.nemo_weights import load_weights, sharded_state_dict
 from sharding.checkpoints.cli import inspect_checkpoint, main as tool_main, per_rank_memory
 from sharding.local import LocalScorer
 from sharding.checkpoints.nemo import CheckpointFormatError, NemoCheckpoint
@@ -235,7 +236,7 @@ def _json_inspect(path, capsys) -> str:
 
 def test_per_rank_memory_of_the_release():
     """Nemotron-4-340B at TP 8 x PP 2 in bf16: ~42.6 GB on a first-stage GPU (README's '~43 GB')."""
-    from sharding.checkpoints.nemo_weights import TensorInfo
+    from sharding.checkpoints.dist_readers import TensorInfo
     from tests.checkpoint_writers import reference_shapes
 
     shape = {"num_layers": 96, "hidden_size": 18432, "ffn_hidden_size": 73728, "num_attention_heads": 96,

@@ -20,7 +20,7 @@ CHECKPOINT_GB = 682  # 341e9 bf16 parameters as released (output layer included)
 
 @pytest.fixture(scope="module")
 def release_per_rank() -> dict:
-    from sharding.checkpoints.nemo_weights import TensorInfo
+    from sharding.checkpoints.dist_readers import TensorInfo
 
     infos = {f"model.{k}": TensorInfo(f"model.{k}", s, "bfloat16", (tp_chunks(k, s),))
              for k, s in reference_shapes(RELEASE_SHAPE, 256000).items()}
