@@ -217,7 +217,7 @@ class DrrScheduler:
                 allowed = self._allowed(flow, last, spent, nxt)
                 if nxt <= min(room, flow.deficit, allowed) or (not batch and nxt > self.budget):
                     taken = self._take(flow, batch, last, room, limit=max(flow.deficit, nxt),
-                                       cap=self.long_flow_tokens - spent.get(key, 0))
+                                       cap=self._cap_left(key, spent))
                     spent[key] = spent.get(key, 0) + taken
                     room -= taken
                     progressed = True
@@ -244,7 +244,7 @@ class DrrScheduler:
             long_flow = self._long(flow) or flow.cost() > self.budget
             if nxt <= room and (not long_flow or nxt <= self._allowed(flow, last, spent, nxt)):
                 self._take(flow, batch, last, room, limit=room,
-                           cap=self.long_flow_tokens - spent.get(key, 0) if long_flow else math.inf)
+                           cap=self._cap_left(key, spent) if long_flow else math.inf)
                 return
 
     def _long(self, flow: Flow) -> bool:
@@ -256,7 +256,11 @@ class DrrScheduler:
         continues a shared prefix of its last one in the batch (a cut there would recompute that prefix)."""
         if self._continues_prefix(flow, last, nxt):
             return math.inf
-        return self.long_flow_tokens - spent.get(flow.key, 0)
+        return self._cap_left(flow.key, spent)
+
+    def _cap_left(self, key: Hashable, spent: dict[Hashable, int]) -> int:
+        """What is left of a long flow's per-batch cap after what it added to this batch."""
+        return self.long_flow_tokens - spent.get(key, 0)
 
     def _continues_prefix(self, flow: Flow, last: dict[Hashable, np.ndarray], cost: int) -> bool:
         job = flow.jobs[0]

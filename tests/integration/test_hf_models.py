@@ -97,13 +97,15 @@ def test_http_with_chat_template_matches_transformers(serve_http, hf_models, kin
         assert list(result["attributes"]) == names
         np.testing.assert_allclose([result["attributes"][n] for n in names], row, atol=TOL, rtol=0)
         assert result["num_tokens"] == len(ids)
-    for got, want_one in zip(best["results"], each["results"]):
-        assert got["num_tokens"] == want_one["num_tokens"]
-        np.testing.assert_allclose(list(got["attributes"].values()), list(want_one["attributes"].values()),
-                                   atol=1e-5, rtol=0)
-    for got, want_one in zip(turns["results"][0]["turns"], prefixes["results"], strict=True):
-        assert got["num_tokens"] == want_one["num_tokens"]
-        np.testing.assert_allclose(list(got["attributes"].values()), list(want_one["attributes"].values()),
-                                   atol=1e-5, rtol=0)
+    assert_same_scores(best["results"], each["results"])
+    assert_same_scores(turns["results"][0]["turns"], prefixes["results"])
     if kind == "llama-causal":
         assert body["results"][0]["score"] == pytest.approx(body["results"][0]["attributes"]["reward"], abs=1e-6)
+
+
+def assert_same_scores(got: list[dict], want: list[dict]) -> None:
+    """Results (or turns) scored two ways: the same tokens and attributes, one for one."""
+    for one, other in zip(got, want, strict=True):
+        assert one["num_tokens"] == other["num_tokens"]
+        np.testing.assert_allclose(list(one["attributes"].values()), list(other["attributes"].values()),
+                                   atol=1e-5, rtol=0)
